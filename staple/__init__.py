@@ -1,0 +1,1 @@
+"""staple: OCSP stapling for Python TLS servers."""
