@@ -1,1 +1,70 @@
-"""staple: OCSP stapling for Python TLS servers."""
+"""staple: OCSP stapling for Python TLS servers.
+
+A handle per certificate chain keeps a verified, current OCSP response (refreshed by an asyncio
+task, persisted in a store); a non-blocking getter hands it to the TLS handshake.
+"""
+
+from .clock import Clock, SystemClock
+from .context import OcspResponseContext
+from .errors import (
+    BadResponseError,
+    CertIdMismatchError,
+    CertificateRevokedError,
+    ChainError,
+    ClosedError,
+    ExpiredResponseError,
+    FetchError,
+    IssuerMismatchError,
+    NoResponderError,
+    NotYetValidError,
+    OcspError,
+    ResponderStatusError,
+    ResponseUnavailableError,
+    RollbackError,
+    SignatureError,
+    UnauthorizedSignerError,
+    UnknownStatusError,
+    ValidationError,
+)
+from .handle import Event, EventKind, HandleState, ServerOcspResponse, open_server_ocsp_response
+from .ocsp import CertId, CertStatus, VerifiedResponse
+from .policy import RefreshPolicy
+from .store import FileStore, MemoryStore, Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BadResponseError",
+    "CertId",
+    "CertIdMismatchError",
+    "CertStatus",
+    "CertificateRevokedError",
+    "ChainError",
+    "Clock",
+    "ClosedError",
+    "Event",
+    "EventKind",
+    "ExpiredResponseError",
+    "FetchError",
+    "FileStore",
+    "HandleState",
+    "IssuerMismatchError",
+    "MemoryStore",
+    "NoResponderError",
+    "NotYetValidError",
+    "OcspError",
+    "OcspResponseContext",
+    "RefreshPolicy",
+    "ResponderStatusError",
+    "ResponseUnavailableError",
+    "RollbackError",
+    "ServerOcspResponse",
+    "SignatureError",
+    "Store",
+    "SystemClock",
+    "UnauthorizedSignerError",
+    "UnknownStatusError",
+    "ValidationError",
+    "VerifiedResponse",
+    "open_server_ocsp_response",
+]

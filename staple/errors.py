@@ -10,7 +10,9 @@ from __future__ import annotations
 __all__ = [
     "BadResponseError",
     "CertIdMismatchError",
+    "CertificateRevokedError",
     "ChainError",
+    "ClosedError",
     "ExpiredResponseError",
     "FetchError",
     "IssuerMismatchError",
@@ -18,6 +20,7 @@ __all__ = [
     "NotYetValidError",
     "OcspError",
     "ResponderStatusError",
+    "ResponseUnavailableError",
     "RollbackError",
     "SignatureError",
     "UnauthorizedSignerError",
@@ -96,3 +99,15 @@ class RollbackError(ValidationError):
 
 class UnknownStatusError(ValidationError):
     """The responder does not know the certificate: such a response is never stapled."""
+
+
+class ResponseUnavailableError(OcspError):
+    """No time-valid response is held yet (first fetch pending or failing)."""
+
+
+class CertificateRevokedError(OcspError):
+    """The certificate is revoked and the policy withholds revoked responses."""
+
+
+class ClosedError(OcspError):
+    """The handle was closed; it hands out no more contexts."""

@@ -120,9 +120,7 @@ def _issuer_hashes(
     return req.issuer_name_hash, req.issuer_key_hash
 
 
-def cert_id(
-    cert: x509.Certificate, issuer: x509.Certificate, *, algorithm: str = "sha1"
-) -> CertId:
+def cert_id(cert: x509.Certificate, issuer: x509.Certificate, *, algorithm: str = "sha1") -> CertId:
     """The CertID for ``cert`` issued by ``issuer``; SHA-1 (the default every CA answers) or
     SHA-256."""
     if algorithm not in _HASHES:
@@ -248,7 +246,7 @@ def _verify(
 def _key_hash(cert: x509.Certificate) -> bytes:
     # ResponderID byKey: SHA-1 of the subjectPublicKey BIT STRING contents (RFC 6960 §4.2.1),
     # which is exactly what a method-1 SubjectKeyIdentifier is.
-    return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest  # type: ignore[arg-type]
+    return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest  # type: ignore[arg-type,unused-ignore]
 
 
 def _matches_responder_id(resp: ocsp.OCSPResponse, cert: x509.Certificate) -> bool:
@@ -324,9 +322,9 @@ def validate(
     except ValueError as exc:
         raise BadResponseError(f"not a DER OCSP response ({exc})", subject=who) from None
     if resp.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
-        status = resp.response_status.name.lower()
+        rstatus = resp.response_status.name.lower()
         raise ResponderStatusError(
-            f"responder answered {status!r} instead of a response", status=status, subject=who
+            f"responder answered {rstatus!r} instead of a response", status=rstatus, subject=who
         )
 
     try:

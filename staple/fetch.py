@@ -1,0 +1,166 @@
+"""The network shell: ask a responder over HTTP (aiohttp), return bytes and caching headers.
+
+It decides nothing about the response's validity - that is :func:`staple.ocsp.validate`'s job
+- but it is strict about HTTP, because a responder that answers with an HTML error page, an
+endless body or a redirect to ``file:`` is failing, and the error should say so plainly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from .errors import ChainError, FetchError
+from .ocsp import get_url
+
+__all__ = ["Fetched", "fetch_issuer", "fetch_response"]
+
+OCSP_REQUEST_TYPE = "application/ocsp-request"
+OCSP_RESPONSE_TYPE = "application/ocsp-response"
+_CACHE_HEADERS = ("Cache-Control", "Expires", "Date", "Age", "Last-Modified", "ETag")
+_MAX_REDIRECTS = 3
+_CHUNK = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """What a responder returned: the body and the headers that say how long it is fresh."""
+
+    der: bytes
+    url: str
+    method: str
+    headers: Mapping[str, str]
+
+
+def _timeout(total: float, connect: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=total, sock_connect=connect, connect=connect)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, max_size: int, what: str) -> bytes:
+    """Read at most ``max_size`` bytes of (decoded) body; more is an error, found early.
+
+    The body is read in chunks, so a small gzip bomb is refused after ``max_size`` inflated
+    bytes rather than after inflating all of it.
+    """
+    length = resp.content_length
+    if length is not None and length > max_size:
+        raise FetchError(f"{what}: body of {length} bytes exceeds the {max_size}-byte cap")
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        body += chunk
+        if len(body) > max_size:
+            raise FetchError(f"{what}: body exceeds the {max_size}-byte cap")
+    return bytes(body)
+
+
+async def fetch_response(
+    session: aiohttp.ClientSession,
+    url: str,
+    request_der: bytes,
+    *,
+    timeout: float,
+    connect_timeout: float,
+    max_size: int,
+    subject: str | None = None,
+) -> Fetched:
+    """One attempt against one responder URL: GET when the request is small (RFC 5019:
+    cacheable), POST otherwise. Raises :class:`FetchError` for anything but a 200 with an
+    ``application/ocsp-response`` body within ``max_size``."""
+    get = get_url(url, request_der)
+    method = "GET" if get is not None else "POST"
+    what = f"{method} {url}"
+    try:
+        async with asyncio.timeout(timeout):
+            kwargs: dict[str, object] = {
+                "timeout": _timeout(timeout, connect_timeout),
+                "max_redirects": _MAX_REDIRECTS,
+                "headers": {"Accept": OCSP_RESPONSE_TYPE, "Accept-Encoding": "identity"},
+            }
+            if get is not None:
+                ctx = session.get(get, **kwargs)  # type: ignore[arg-type]
+            else:
+                kwargs["headers"] = {
+                    "Content-Type": OCSP_REQUEST_TYPE,
+                    "Accept": OCSP_RESPONSE_TYPE,
+                    "Accept-Encoding": "identity",
+                }
+                ctx = session.post(url, data=request_der, **kwargs)  # type: ignore[arg-type]
+            async with ctx as resp:
+                if resp.status != 200:
+                    raise FetchError(f"{what}: HTTP {resp.status} {resp.reason or ''}".rstrip())
+                ctype = resp.content_type
+                if ctype != OCSP_RESPONSE_TYPE:
+                    raise FetchError(
+                        f"{what}: content type {ctype!r}, expected {OCSP_RESPONSE_TYPE!r}"
+                    )
+                body = await _read_capped(resp, max_size, what)
+                headers = {h: resp.headers[h] for h in _CACHE_HEADERS if h in resp.headers}
+    except FetchError as exc:
+        raise FetchError(exc.reason, subject=subject) from None
+    except TimeoutError:
+        raise FetchError(f"{what}: timed out after {timeout:g} s", subject=subject) from None
+    except aiohttp.TooManyRedirects:
+        raise FetchError(f"{what}: too many redirects", subject=subject) from None
+    except (aiohttp.ClientError, OSError, ValueError) as exc:
+        detail = str(exc) or type(exc).__name__
+        raise FetchError(f"{what}: {detail}", subject=subject) from None
+    if not body:
+        raise FetchError(f"{what}: empty body", subject=subject)
+    return Fetched(der=body, url=url, method=method, headers=headers)
+
+
+async def fetch_issuer(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    timeout: float = 15.0,
+    max_size: int = 64 * 1024,
+    subject: str | None = None,
+) -> x509.Certificate:
+    """Download the issuer named by a certificate's AIA caIssuers URL (DER, PEM or PKCS#7)."""
+    if not url.lower().startswith(("http://", "https://")):
+        raise ChainError(f"caIssuers URL {url!r} is not HTTP", subject=subject)
+    try:
+        async with session.get(url, timeout=_timeout(timeout, timeout)) as resp:
+            if resp.status != 200:
+                raise ChainError(f"GET {url}: HTTP {resp.status}", subject=subject)
+            body = await _read_capped(resp, max_size, f"GET {url}")
+    except FetchError as exc:
+        raise ChainError(exc.reason, subject=subject) from None
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise ChainError(f"GET {url}: {exc or type(exc).__name__}", subject=subject) from None
+    for load in (_load_der, _load_pem, _load_p7):
+        cert = load(body)
+        if cert is not None:
+            return cert
+    raise ChainError(f"GET {url}: not a certificate (DER, PEM or PKCS#7)", subject=subject)
+
+
+def _load_der(data: bytes) -> x509.Certificate | None:
+    try:
+        return x509.load_der_x509_certificate(data)
+    except ValueError:
+        return None
+
+
+def _load_pem(data: bytes) -> x509.Certificate | None:
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError:
+        return None
+
+
+def _load_p7(data: bytes) -> x509.Certificate | None:
+    for loader in (pkcs7.load_der_pkcs7_certificates, pkcs7.load_pem_pkcs7_certificates):
+        try:
+            certs = loader(data)
+        except ValueError:
+            continue
+        if certs:
+            return certs[0]
+    return None

@@ -1,0 +1,121 @@
+"""Where verified responses persist between refreshes and restarts.
+
+A store only keeps bytes under a CertID key; it is never trusted. The handle re-validates
+whatever a store returns exactly like a response from the network (signature, CertID, times,
+rollback), so a corrupt file or a poisoned shared store can at worst cost a fetch.
+
+The optional :meth:`Store.lock` lets a shared store (Redis) elect one server of a fleet to fetch
+while the others adopt its result; local stores need no lock.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from pathlib import Path
+
+__all__ = ["FileStore", "MemoryStore", "Store"]
+
+log = logging.getLogger("staple")
+
+
+class Store(abc.ABC):
+    """Async byte storage keyed by :attr:`staple.ocsp.CertId.key`."""
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> bytes | None:
+        """The bytes last put under ``key``, or ``None``. May raise ``OSError``."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, der: bytes, *, expires: datetime) -> None:
+        """Keep ``der`` under ``key``; ``expires`` lets a store drop it once useless."""
+
+    def lock(self, key: str, *, ttl: float) -> AbstractAsyncContextManager[bool]:
+        """Hold the right to fetch for ``key`` (yields whether we got it). Local stores always
+        grant it; a shared store grants it to one holder at a time, for at most ``ttl`` s."""
+        return _granted()
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release connections; the default store holds none."""
+
+
+@contextlib.asynccontextmanager
+async def _granted() -> AsyncIterator[bool]:
+    yield True
+
+
+class MemoryStore(Store):
+    """A dict: survives refreshes, not restarts. The default when no store is given."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, bytes] = {}
+
+    async def get(self, key: str) -> bytes | None:
+        return self._data.get(key)
+
+    async def put(self, key: str, der: bytes, *, expires: datetime) -> None:
+        self._data[key] = der
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class FileStore(Store):
+    """One file per CertID in a directory, written atomically (temp file, fsync, rename).
+
+    A crash mid-write leaves the old file or the new one, never a torn one. With a warm
+    directory, a restarted server staples its first handshake even while the responder is down.
+    """
+
+    SUFFIX = ".ocsp"
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def path_for(self, key: str) -> Path:
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"invalid store key {key!r}")
+        return self.directory / (key + self.SUFFIX)
+
+    async def get(self, key: str) -> bytes | None:
+        return await asyncio.to_thread(self._read, self.path_for(key))
+
+    async def put(self, key: str, der: bytes, *, expires: datetime) -> None:
+        await asyncio.to_thread(self._write, self.path_for(key), der)
+
+    @staticmethod
+    def _read(path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _write(self, path: Path, data: bytes) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=self.SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        # Make the rename itself durable: without this a power cut can forget it.
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def __repr__(self) -> str:
+        return f"FileStore({str(self.directory)!r})"
