@@ -181,6 +181,7 @@ class ServerOcspResponse:
         self.next_refresh: datetime | None = None
         self._fresh_until: datetime | None = None
         self._expired_reported = False
+        self._rejected_der: bytes | None = None
 
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event = asyncio.Event()
@@ -480,7 +481,9 @@ class ServerOcspResponse:
         except Exception as exc:
             log.warning("%s: could not read %r (%s)", self.subject, self.store, exc)
             return False
-        if der is None or (self._response is not None and der == self._response.der):
+        if der is None or der == self._rejected_der:
+            return False  # nothing stored, or the same bad bytes we already reported
+        if self._response is not None and der == self._response.der:
             return False
         try:
             verified = ocsp.validate(
@@ -493,6 +496,7 @@ class ServerOcspResponse:
                 current=self._response,
             )
         except ValidationError as exc:
+            self._rejected_der = der
             await self._emit(
                 Event(
                     kind=EventKind.REJECTED,
