@@ -82,7 +82,7 @@ def build(pki: TestPKI, leaf: Any, r: Resp) -> bytes:
         builder = builder.certificates(r.extra_certs)
     builder = builder.responder_id(encoding, cert)
     algo = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    resp = builder.sign(key, algo)  # type: ignore[arg-type]
+    resp = builder.sign(key, algo)
     return resp.public_bytes(serialization.Encoding.DER)
 
 
@@ -241,7 +241,7 @@ def test_delegate_not_issued_by_issuer(pki, leaf) -> None:
     der = (
         builder.certificates([foreign.cert])
         .responder_id(x509_ocsp.OCSPResponderEncoding.HASH, foreign.cert)
-        .sign(foreign.key, hashes.SHA256())  # type: ignore[arg-type]
+        .sign(foreign.key, hashes.SHA256())
         .public_bytes(serialization.Encoding.DER)
     )
     with pytest.raises(errors.UnauthorizedSignerError, match="not issued by the issuer"):
