@@ -1,0 +1,3 @@
+from staple._cli import main
+
+main()
