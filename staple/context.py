@@ -93,17 +93,14 @@ class OcspResponseContext:
                 "get_context() or from a context you still hold"
             )
         self._refs += 1
-        self._owner._live_refs += 1
 
     def free(self) -> None:
         """Give back one reference. Freeing more often than referenced raises RuntimeError."""
         if self._refs <= 0:
             raise RuntimeError("free() called more often than get_context()/add_ref()")
         self._refs -= 1
-        owner = self._owner
-        owner._live_refs -= 1
         if self._refs == 0 and not self._current:
-            owner._live_contexts.discard(self)
+            self._owner._live_contexts.discard(self)
 
     def __enter__(self) -> OcspResponseContext:
         return self

@@ -172,7 +172,6 @@ class ServerOcspResponse:
 
         self._current: OcspResponseContext | None = None  # what get_context() hands out
         self._response: ocsp.VerifiedResponse | None = None  # newest verified (rollback base)
-        self._live_refs = 0
         self._live_contexts: set[OcspResponseContext] = set()
         self.last_error: OcspError | None = ResponseUnavailableError(
             "no response fetched yet", subject=self.subject
@@ -196,7 +195,6 @@ class ServerOcspResponse:
         ctx = self._current
         if ctx is not None and self._time() < ctx._stop_at:
             ctx._refs += 1
-            self._live_refs += 1
             return ctx
         if ctx is not None:  # past its margin, and the refresher hasn't noticed yet
             self._retire_current(
@@ -219,7 +217,7 @@ class ServerOcspResponse:
     @property
     def live_references(self) -> int:
         """References handed out and not yet freed, over all of this handle's contexts."""
-        return self._live_refs
+        return sum(ctx._refs for ctx in self._live_contexts)
 
     @property
     def live_contexts(self) -> int:

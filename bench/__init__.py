@@ -1,0 +1,1 @@
+"""staple's benchmarks: ``python -m bench [--quick]``. Ratios and per-call costs, not tests."""
