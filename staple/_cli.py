@@ -69,10 +69,15 @@ async def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help
         return int(exc.code or 0)
     # The report says what matters; the refresher's log lines are for -v.
-    logging.getLogger("staple").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
-    if args.command == "check":
-        return await _check(args, out)
-    return await _demo(args, out)
+    logger = logging.getLogger("staple")
+    saved = logger.level
+    logger.setLevel(logging.INFO if args.verbose else logging.CRITICAL)
+    try:
+        if args.command == "check":
+            return await _check(args, out)
+        return await _demo(args, out)
+    finally:
+        logger.setLevel(saved)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
