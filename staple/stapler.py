@@ -1,0 +1,202 @@
+"""Many certificates, one pyOpenSSL OCSP server callback.
+
+A :class:`Stapler` owns a handle per certificate chain (sharing one HTTP session and store) and
+installs a callback on pyOpenSSL contexts. Inside the handshake the callback finds the handle
+for the certificate OpenSSL actually selected (``conn.get_certificate()``: with RSA and ECDSA
+certificates on one context, only it knows), takes a reference to the current context, ties
+its release to the connection's end, and returns the DER. It never awaits, never does I/O, and
+never raises - except, deliberately, to refuse a handshake under a strict must-staple policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+from OpenSSL import SSL
+
+from .chain import ChainInput
+from .clock import Clock
+from .handle import OnUpdate, ResponderUrls, ServerOcspResponse, open_server_ocsp_response
+from .policy import RefreshPolicy
+from .store import MemoryStore, Store
+from .tls import call_when_closed
+
+__all__ = ["MustStaple", "StapleRefused", "Stapler"]
+
+log = logging.getLogger("staple")
+
+_LOG_EVERY = 60.0  # seconds between repeated callback-problem log lines
+
+
+class MustStaple(enum.Enum):
+    """What to do with a handshake that asks for a staple when no valid response is held
+    (like Envoy's ``ocsp_staple_policy``). Clients that don't ask are never refused."""
+
+    LENIENT = "lenient"
+    """Complete the handshake without a staple (the default)."""
+    STRICT = "strict"
+    """Refuse the handshake, for every certificate."""
+    MUST_STAPLE = "must_staple"
+    """Refuse it only for certificates with the TLS Feature status_request (RFC 7633): their
+    clients would reject an unstapled handshake anyway, so fail fast and visibly."""
+
+
+class StapleRefused(Exception):
+    """Raised inside the OCSP callback to abort a handshake under a strict policy."""
+
+
+class Stapler:
+    """Keeps OCSP responses for many certificate chains and staples them into handshakes.
+
+    ``policy_options`` are :class:`RefreshPolicy` fields (``margin=...``) for convenience.
+    Close it with :meth:`close` or ``async with``.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store | None = None,
+        on_update: OnUpdate | None = None,
+        session: aiohttp.ClientSession | None = None,
+        clock: Clock | None = None,
+        policy: RefreshPolicy | None = None,
+        must_staple: MustStaple | str = MustStaple.LENIENT,
+        **policy_options: Any,
+    ) -> None:
+        if policy is not None and policy_options:
+            raise TypeError("pass either policy= or policy options, not both")
+        self.policy = policy or RefreshPolicy(**policy_options)
+        self.store = store if store is not None else MemoryStore()
+        self.must_staple = MustStaple(must_staple)
+        self._on_update = on_update
+        self._clock = clock
+        self._session = session
+        self._owns_session = session is None
+        self.handles: list[ServerOcspResponse] = []
+        self._by_serial: dict[int, list[ServerOcspResponse]] = {}
+        self._closed = False
+        # Counters for operators and tests.
+        self.stapled = 0
+        self.unstapled = 0
+        self.refused = 0
+        self.callback_errors = 0
+        self._last_log = -_LOG_EVERY
+
+    async def add(
+        self,
+        chain: ChainInput,
+        *,
+        responder_urls: ResponderUrls | None = None,
+        wait: bool = True,
+    ) -> ServerOcspResponse:
+        """Open a handle for ``chain`` (see :func:`staple.open_server_ocsp_response`)."""
+        if self._closed:
+            raise RuntimeError("Stapler is closed")
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        handle = await open_server_ocsp_response(
+            chain,
+            wait=wait,
+            store=self.store,
+            on_update=self._on_update,
+            responder_urls=responder_urls,
+            session=self._session,
+            clock=self._clock,
+            policy=self.policy,
+        )
+        self.handles.append(handle)
+        self._by_serial.setdefault(handle.cert.serial_number, []).append(handle)
+        return handle
+
+    def install(self, ssl_context: SSL.Context) -> None:
+        """Set the OCSP server callback on a pyOpenSSL context (before any connection is made
+        from it: OpenSSL contexts are frozen after that). Install it on every context the
+        servername callback may switch to."""
+        if not isinstance(ssl_context, SSL.Context):
+            raise TypeError(
+                f"install() needs an OpenSSL.SSL.Context, not {type(ssl_context).__name__}; "
+                "the stdlib ssl module cannot staple"
+            )
+        ssl_context.set_ocsp_server_callback(self._callback)
+
+    def handle_for(self, serial_number: int) -> ServerOcspResponse | None:
+        found = self._by_serial.get(serial_number)
+        return found[0] if found else None
+
+    @property
+    def live_references(self) -> int:
+        return sum(h.live_references for h in self.handles)
+
+    async def close(self) -> None:
+        """Close every handle and the shared HTTP session. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.gather(*(h.close() for h in self.handles))
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+
+    async def __aenter__(self) -> Stapler:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- the handshake path ----------------------------------------------------------------
+
+    def _callback(self, conn: SSL.Connection, data: object) -> bytes:
+        try:
+            cert = conn.get_certificate()
+            if cert is None:
+                return self._problem("the connection has no certificate selected")
+            found = self._by_serial.get(cert.get_serial_number())
+            if found is None:
+                return self._problem(
+                    f"no handle for the served certificate (serial {cert.get_serial_number():#x})"
+                )
+            handle = found[0] if len(found) == 1 else self._pick(found, cert)
+            ctx = handle.get_context()
+            if ctx is None:
+                self.unstapled += 1
+                if self.must_staple is MustStaple.STRICT or (
+                    self.must_staple is MustStaple.MUST_STAPLE and handle.must_staple
+                ):
+                    self.refused += 1
+                    raise StapleRefused(str(handle.last_error))
+                return b""
+            if not call_when_closed(conn, ctx.free):  # our transport: freed on close
+                weakref.finalize(conn, ctx.free)
+            self.stapled += 1
+            return ctx.encoded
+        except StapleRefused:
+            raise
+        except Exception as exc:  # a bug must cost a staple, never the handshake
+            return self._problem(f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _pick(found: Sequence[ServerOcspResponse], cert: Any) -> ServerOcspResponse:
+        # Serials are unique per CA only; tell same-serial certificates apart by issuer.
+        issuer = cert.to_cryptography().issuer
+        for handle in found:
+            if handle.cert.issuer == issuer:
+                return handle
+        return found[0]
+
+    def _problem(self, what: str) -> bytes:
+        self.callback_errors += 1
+        now = time.monotonic()
+        if now - self._last_log >= _LOG_EVERY:
+            self._last_log = now
+            log.warning(
+                "OCSP callback served no staple: %s (%d such problems so far)",
+                what,
+                self.callback_errors,
+            )
+        return b""

@@ -1,0 +1,214 @@
+"""The Stapler's OCSP callback in real handshakes (pyOpenSSL over memory BIOs).
+
+Here the server connection is owned by no staple transport, as in a TLS stack we don't own:
+references are released by ``weakref.finalize`` when the connection object goes away.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from OpenSSL import SSL
+
+import staple
+from staple import ocsp
+from staple.stapler import MustStaple, Stapler, StapleRefused
+from staple.testing import FakeClock, OcspResponder, TestPKI
+
+from .tls_pair import client_context, handshake
+
+VERSIONS = [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def pki(clock: FakeClock) -> TestPKI:
+    return TestPKI(now=clock.now())
+
+
+@pytest.fixture
+async def responder(pki: TestPKI, clock: FakeClock) -> AsyncIterator[OcspResponder]:
+    async with OcspResponder(pki, clock=clock) as r:
+        yield r
+
+
+@pytest.fixture
+async def stapler(clock: FakeClock) -> AsyncIterator[Stapler]:
+    async with Stapler(clock=clock, jitter=0.0) as s:
+        yield s
+
+
+def server_context(stapler: Stapler, *leaves: Any) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    for leaf in leaves:
+        leaf.configure_pyopenssl(ctx)
+    stapler.install(ctx)
+    return ctx
+
+
+def verify(staple_der: bytes, leaf: Any, clock: FakeClock) -> ocsp.VerifiedResponse:
+    return ocsp.validate(staple_der, leaf.cert, leaf.chain[1], now=clock.now())
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=["tls1.2", "tls1.3"])
+async def test_staples_current_response(stapler, pki, responder, clock, version) -> None:
+    leaf = pki.issue_leaf("a.test", ocsp_url=responder.url)
+    handle = await stapler.add(leaf.chain)
+    client, seen = client_context(version=version)
+    server = handshake(server_context(stapler, leaf), client)
+    assert server.get_protocol_version() == version
+    assert len(seen) == 1
+    assert verify(seen[0], leaf, clock).cert_status is staple.CertStatus.GOOD
+    assert handle.live_references == 1  # held for the connection ...
+    del server
+    gc.collect()
+    assert handle.live_references == 0  # ... and released with it
+    assert stapler.stapled == 1
+
+
+async def test_client_not_asking_gets_nothing(stapler, pki, responder) -> None:
+    leaf = pki.issue_leaf("a.test", ocsp_url=responder.url)
+    handle = await stapler.add(leaf.chain)
+    client, seen = client_context(request_status=False)
+    server = handshake(server_context(stapler, leaf), client, request_status=False)
+    assert seen == []
+    assert stapler.stapled == 0
+    assert handle.live_references == 0
+    del server
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=["tls1.2", "tls1.3"])
+async def test_rsa_and_ecdsa_on_one_context(stapler, pki, responder, clock, version) -> None:
+    rsa_leaf = pki.issue_leaf("dual.test", key_type="rsa", ocsp_url=responder.url)
+    ec_leaf = pki.issue_leaf("dual.test", key_type="ec", ocsp_url=responder.url)
+    await stapler.add(rsa_leaf.chain)
+    await stapler.add(ec_leaf.chain)
+    server_ctx = server_context(stapler, rsa_leaf, ec_leaf)
+    for sigalgs, leaf in (
+        (b"RSA-PSS+SHA256:RSA+SHA256", rsa_leaf),
+        (b"ECDSA+SHA256", ec_leaf),
+    ):
+        client, seen = client_context(version=version, sigalgs=sigalgs)
+        server = handshake(server_ctx, client)
+        assert server.get_certificate(as_cryptography=True) == leaf.cert
+        assert verify(seen[0], leaf, clock).cert_id.serial_number == leaf.cert.serial_number
+        del server
+    gc.collect()
+    assert stapler.live_references == 0
+
+
+async def test_sni_contexts_each_staple_their_own(stapler, pki, responder, clock) -> None:
+    a = pki.issue_leaf("a.test", ocsp_url=responder.url)
+    b = pki.issue_leaf("b.test", ocsp_url=responder.url)
+    await stapler.add(a.chain)
+    await stapler.add(b.chain)
+    contexts = {b"a.test": server_context(stapler, a), b"b.test": server_context(stapler, b)}
+    default = contexts[b"a.test"]
+
+    def pick(conn: SSL.Connection) -> None:
+        name = conn.get_servername()
+        if name in contexts:
+            conn.set_context(contexts[name])
+
+    default.set_tlsext_servername_callback(pick)
+    for name, leaf in ((b"a.test", a), (b"b.test", b)):
+        client, seen = client_context()
+        server = handshake(default, client, servername=name)
+        assert verify(seen[0], leaf, clock).cert_id.serial_number == leaf.cert.serial_number
+        del server
+
+
+async def test_refresh_while_connection_open(stapler, pki, responder, clock) -> None:
+    leaf = pki.issue_leaf("a.test", ocsp_url=responder.url)
+    handle = await stapler.add(leaf.chain)
+    server_ctx = server_context(stapler, leaf)
+    client, seen = client_context()
+    long_lived = handshake(server_ctx, client)
+    clock.advance(60)
+    await handle.refresh()
+    client, seen2 = client_context()
+    fresh = handshake(server_ctx, client)
+    assert seen[0] != seen2[0]
+    assert handle.live_contexts == 2  # the old one lives on for the long-lived connection
+    del long_lived
+    gc.collect()
+    assert handle.live_contexts == 1
+    assert handle.live_references == 1
+    del fresh
+    gc.collect()
+    assert handle.live_references == 0
+
+
+async def test_many_handshakes_with_refreshes_leave_no_references(
+    stapler, pki, responder, clock
+) -> None:
+    leaf = pki.issue_leaf("a.test", ocsp_url=responder.url)
+    handle = await stapler.add(leaf.chain)
+    server_ctx = server_context(stapler, leaf)
+    client, seen = client_context(version=SSL.TLS1_3_VERSION)
+    kept = []
+    for i in range(1000):
+        if i % 100 == 0:
+            clock.advance(60)
+            await handle.refresh()
+        server = handshake(server_ctx, client)
+        if i % 10 == 0:
+            kept.append(server)  # some connections outlive several refreshes
+    assert len(seen) == 1000
+    assert handle.live_references == len(kept) + 1  # + the last `server`
+    kept.clear()
+    del server
+    gc.collect()
+    assert handle.live_references == 0
+    assert handle.live_contexts == 1
+    assert stapler.stapled == 1000
+
+
+async def test_no_response_lenient_and_strict(pki, responder, clock) -> None:
+    good = pki.issue_leaf("good.test", ocsp_url=responder.url)
+    unknown = pki.issue_leaf("unknown.test", ocsp_url=responder.url)
+    must = pki.issue_leaf("must.test", ocsp_url=responder.url, must_staple=True)
+    responder.set_status(unknown, "unknown")
+    responder.set_status(must, "unknown")
+    for policy, refused in (
+        (MustStaple.LENIENT, set()),
+        (MustStaple.MUST_STAPLE, {"must.test"}),
+        (MustStaple.STRICT, {"must.test", "unknown.test"}),
+    ):
+        async with Stapler(clock=clock, must_staple=policy) as stapler:
+            for leaf in (good, unknown, must):
+                await stapler.add(leaf.chain)
+            for leaf, name in ((good, "good.test"), (unknown, "unknown.test"), (must, "must.test")):
+                client, seen = client_context()
+                if name in refused:
+                    with pytest.raises(StapleRefused, match=name):
+                        handshake(server_context(stapler, leaf), client)
+                else:
+                    handshake(server_context(stapler, leaf), client)
+                    assert seen[0] if name == "good.test" else seen == [b""]
+            assert stapler.refused == len(refused)
+
+
+async def test_unmanaged_certificate_gets_no_staple(stapler, pki, responder, caplog) -> None:
+    managed = pki.issue_leaf("managed.test", ocsp_url=responder.url)
+    stranger = pki.issue_leaf("stranger.test", ocsp_url=responder.url)
+    await stapler.add(managed.chain)
+    client, seen = client_context()
+    handshake(server_context(stapler, stranger), client)
+    assert seen == [b""]
+    assert stapler.callback_errors == 1
+    assert "no handle for the served certificate" in caplog.text
+
+
+async def test_install_refuses_stdlib_context(stapler) -> None:
+    import ssl
+
+    with pytest.raises(TypeError, match="stdlib ssl module cannot staple"):
+        stapler.install(ssl.create_default_context())  # type: ignore[arg-type]
