@@ -211,4 +211,4 @@ async def test_install_refuses_stdlib_context(stapler) -> None:
     import ssl
 
     with pytest.raises(TypeError, match="stdlib ssl module cannot staple"):
-        stapler.install(ssl.create_default_context())  # type: ignore[arg-type]
+        stapler.install(ssl.create_default_context())
