@@ -29,6 +29,7 @@ from .errors import (
 from .handle import Event, EventKind, HandleState, ServerOcspResponse, open_server_ocsp_response
 from .ocsp import CertId, CertStatus, VerifiedResponse
 from .policy import RefreshPolicy
+from .stapler import MustStaple, Stapler, StapleRefused
 from .store import FileStore, MemoryStore, Store
 
 __version__ = "0.1.0"
@@ -50,6 +51,7 @@ __all__ = [
     "HandleState",
     "IssuerMismatchError",
     "MemoryStore",
+    "MustStaple",
     "NoResponderError",
     "NotYetValidError",
     "OcspError",
@@ -60,6 +62,8 @@ __all__ = [
     "RollbackError",
     "ServerOcspResponse",
     "SignatureError",
+    "StapleRefused",
+    "Stapler",
     "Store",
     "SystemClock",
     "UnauthorizedSignerError",
