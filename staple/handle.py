@@ -16,6 +16,7 @@ Lifecycle (one ``_set_state`` changes it; illegal moves raise)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import inspect
 import logging
@@ -151,6 +152,7 @@ class ServerOcspResponse:
         clock: Clock,
         policy: RefreshPolicy,
         on_update: OnUpdate | None,
+        fetch_slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.chain = chain
         self.cert = chain[0]
@@ -163,11 +165,11 @@ class ServerOcspResponse:
         self.cert_id = ocsp.cert_id(self.cert, self.issuer, algorithm=policy.hash_algorithm)
         self._request = ocsp.build_request(self.cert, self.issuer, algorithm=policy.hash_algorithm)
         self._session = session
+        self._fetch_slots = fetch_slots
         self._owns_session = owns_session
         self._clock = clock
         self._time = clock.time  # bound once: get_context() is the hot path
         self._on_update = on_update
-        self._random = random.Random()
         self._state = HandleState.OPENING
 
         self._current: OcspResponseContext | None = None  # what get_context() hands out
@@ -183,9 +185,12 @@ class ServerOcspResponse:
         self._rejected_der: bytes | None = None
 
         self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event = asyncio.Event()
-        self._refresh_lock = asyncio.Lock()
-        self._first_outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Small per-handle state: 10,000 handles must stay cheap, so no lock/event objects.
+        self._wake: asyncio.Future[None] | None = None  # set while the refresher sleeps
+        self._inflight: asyncio.Future[OcspError | None] | None = None  # the running attempt
+        self._first_outcome: asyncio.Future[None] | None = (
+            asyncio.get_running_loop().create_future()
+        )
 
     # -- the getter: no I/O, no await, no lock ---------------------------------------------
 
@@ -235,16 +240,18 @@ class ServerOcspResponse:
         await self._load_from_store()
         self._set_state(HandleState.RUNNING)
         self._task = asyncio.create_task(self._run(), name=f"staple refresher {self.subject}")
-        if wait and self._current is None:
+        first = self._first_outcome
+        if wait and self._current is None and first is not None:
             try:
                 async with asyncio.timeout(self.policy.wait_timeout):
-                    await asyncio.shield(self._first_outcome)
+                    await asyncio.shield(first)
             except TimeoutError:
                 log.warning(
                     "%s: no response within %g s; serving unstapled while the refresher retries",
                     self.subject,
                     self.policy.wait_timeout,
                 )
+        self._first_outcome = None  # only the opener waits for it
         if self.must_staple and self._current is None:
             log.warning(
                 "%s: must-staple certificate has no valid OCSP response yet (%s)",
@@ -258,7 +265,8 @@ class ServerOcspResponse:
         if self._state is not HandleState.RUNNING:
             raise ClosedError(f"handle is {self._state.value}", subject=self.subject)
         error = await self._refresh_once(force=True)
-        self._wake.set()  # let the refresher reschedule around what just happened
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)  # let the refresher reschedule around this attempt
         if error is not None:
             raise error
 
@@ -276,8 +284,6 @@ class ServerOcspResponse:
         if self._owns_session:
             await self._session.close()
         self._retire_current(ClosedError("handle closed", subject=self.subject))
-        if not self._first_outcome.done():
-            self._first_outcome.set_result(None)
         self._set_state(HandleState.CLOSED)
         await self._emit(Event(kind=EventKind.CLOSED, handle=self, subject=self.subject))
 
@@ -306,9 +312,7 @@ class ServerOcspResponse:
         if self.next_refresh is None or self.next_refresh <= self._now():
             await self._guarded_refresh()
         while True:
-            deadline = self._next_wakeup()
-            self._wake.clear()
-            await self._sleep(deadline)
+            await self._sleep(self._next_wakeup())
             await self._check_expiry()
             if self.next_refresh is not None and self._now() >= self.next_refresh:
                 await self._guarded_refresh()
@@ -328,14 +332,17 @@ class ServerOcspResponse:
         return wake
 
     async def _sleep(self, deadline: float) -> None:
-        sleeper = asyncio.ensure_future(self._clock.sleep_until(deadline))
-        waker = asyncio.ensure_future(self._wake.wait())
+        """Sleep on the clock until ``deadline``, or until :meth:`refresh` pokes us."""
+        loop = asyncio.get_running_loop()
+        self._wake = wake = loop.create_future()
+        sleeper = loop.create_task(self._clock.sleep_until(deadline))
         try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({sleeper, wake}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in (sleeper, waker):
-                t.cancel()
-            await asyncio.wait({sleeper, waker})
+            self._wake = None
+            wake.cancel()
+            sleeper.cancel()
+            await asyncio.wait({sleeper})
 
     async def _check_expiry(self) -> None:
         """Retire the held response at its stop moment and say so, once per expiry."""
@@ -372,15 +379,21 @@ class ServerOcspResponse:
 
     async def _refresh_once(self, *, force: bool = False) -> OcspError | None:
         """One refresh attempt; concurrent callers share it. Returns the error, if any."""
-        if self._refresh_lock.locked():
-            async with self._refresh_lock:  # someone else is fetching: share its outcome
-                return None if self.failures == 0 else self.last_error
-        async with self._refresh_lock:
-            try:
-                return await self._attempt(force=force)
-            finally:
-                if not self._first_outcome.done():
-                    self._first_outcome.set_result(None)
+        if self._inflight is not None:  # someone else is fetching: share its outcome
+            return await asyncio.shield(self._inflight)
+        self._inflight = inflight = asyncio.get_running_loop().create_future()
+        try:
+            result = await self._attempt(force=force)
+        except BaseException:
+            inflight.cancel()
+            raise
+        else:
+            inflight.set_result(result)
+            return result
+        finally:
+            self._inflight = None
+            if self._first_outcome is not None and not self._first_outcome.done():
+                self._first_outcome.set_result(None)
 
     async def _attempt(self, *, force: bool) -> OcspError | None:
         ttl = self.policy.fetch_timeout * max(len(self.urls), 1) + 5
@@ -396,15 +409,18 @@ class ServerOcspResponse:
             errors: list[OcspError] = []
             for url in self.urls:
                 try:
-                    fetched = await fetch_response(
-                        self._session,
-                        url,
-                        self._request,
-                        timeout=self.policy.fetch_timeout,
-                        connect_timeout=self.policy.connect_timeout,
-                        max_size=self.policy.max_response_size,
-                        subject=self.subject,
-                    )
+                    # The timeout starts once a fetch slot is ours: queueing behind other
+                    # handles (thousands refreshing at once) is not the responder's slowness.
+                    async with self._fetch_slots or contextlib.nullcontext():
+                        fetched = await fetch_response(
+                            self._session,
+                            url,
+                            self._request,
+                            timeout=self.policy.fetch_timeout,
+                            connect_timeout=self.policy.connect_timeout,
+                            max_size=self.policy.max_response_size,
+                            subject=self.subject,
+                        )
                     now = self._now()
                     verified = ocsp.validate(
                         fetched.der,
@@ -436,7 +452,7 @@ class ServerOcspResponse:
             now=now,
             policy=self.policy,
             fresh_until=self._fresh_until,
-            rand=self._random.random(),
+            rand=random.random(),
         )
         if verified.cert_status is ocsp.CertStatus.REVOKED and not self.policy.staple_revoked:
             self._retire_current(
@@ -532,7 +548,7 @@ class ServerOcspResponse:
         now = self._now()
         held = self._current.response if self._current is not None else None
         delay = retry_delay(
-            self.failures, now=now, policy=self.policy, held=held, rand=self._random.random()
+            self.failures, now=now, policy=self.policy, held=held, rand=random.random()
         )
         self.next_refresh = now + delay
         # With several responder URLs, the last one's reason is reported; each was logged.
@@ -577,6 +593,7 @@ async def open_server_ocsp_response(
     session: aiohttp.ClientSession | None = None,
     clock: Clock | None = None,
     policy: RefreshPolicy | None = None,
+    fetch_slots: asyncio.Semaphore | None = None,
 ) -> ServerOcspResponse:
     """Open a handle for ``chain`` (leaf first) and start its refresher.
 
@@ -584,6 +601,9 @@ async def open_server_ocsp_response(
     them (a mapping from AIA URL to the URL to use). With ``wait=True`` it waits up to
     ``policy.wait_timeout`` seconds for a first response, and returns the handle even if that
     failed (check :meth:`ServerOcspResponse.get_context` / ``last_error``).
+
+    ``fetch_slots`` bounds concurrent fetches across the handles that share it (a
+    :class:`~staple.Stapler` shares one), so a mass refresh queues instead of timing out.
 
     Raises :class:`ChainError` for an unusable chain and :class:`NoResponderError` when there is
     no responder to ask.
@@ -614,6 +634,7 @@ async def open_server_ocsp_response(
             clock=clock or SystemClock(),
             policy=policy,
             on_update=on_update,
+            fetch_slots=fetch_slots,
         )
     except BaseException:
         if owns_session:

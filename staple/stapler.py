@@ -56,6 +56,7 @@ class Stapler:
     """Keeps OCSP responses for many certificate chains and staples them into handshakes.
 
     ``policy_options`` are :class:`RefreshPolicy` fields (``margin=...``) for convenience.
+    At most ``max_concurrent_fetches`` requests are in flight at once, across all handles.
     Close it with :meth:`close` or ``async with``.
     """
 
@@ -68,6 +69,7 @@ class Stapler:
         clock: Clock | None = None,
         policy: RefreshPolicy | None = None,
         must_staple: MustStaple | str = MustStaple.LENIENT,
+        max_concurrent_fetches: int = 16,
         **policy_options: Any,
     ) -> None:
         if policy is not None and policy_options:
@@ -79,6 +81,9 @@ class Stapler:
         self._clock = clock
         self._session = session
         self._owns_session = session is None
+        if max_concurrent_fetches < 1:
+            raise ValueError("max_concurrent_fetches must be at least 1")
+        self._fetch_slots = asyncio.Semaphore(max_concurrent_fetches)
         self.handles: list[ServerOcspResponse] = []
         self._by_serial: dict[int, list[ServerOcspResponse]] = {}
         self._closed = False
@@ -110,6 +115,7 @@ class Stapler:
             session=self._session,
             clock=self._clock,
             policy=self.policy,
+            fetch_slots=self._fetch_slots,
         )
         self.handles.append(handle)
         self._by_serial.setdefault(handle.cert.serial_number, []).append(handle)
