@@ -187,6 +187,8 @@ class ServerOcspResponse:
         self._task: asyncio.Task[None] | None = None
         # Small per-handle state: 10,000 handles must stay cheap, so no lock/event objects.
         self._wake: asyncio.Future[None] | None = None  # set while the refresher sleeps
+        self._store_changed = False  # a shared store told us another server stored a response
+        self._unwatch: Callable[[], None] | None = None
         self._inflight: asyncio.Future[OcspError | None] | None = None  # the running attempt
         self._first_outcome: asyncio.Future[None] | None = (
             asyncio.get_running_loop().create_future()
@@ -238,6 +240,7 @@ class ServerOcspResponse:
 
     async def _start(self, *, wait: bool) -> None:
         await self._load_from_store()
+        self._unwatch = self.store.watch(self.cert_id.key, self._on_store_changed)
         self._set_state(HandleState.RUNNING)
         self._task = asyncio.create_task(self._run(), name=f"staple refresher {self.subject}")
         first = self._first_outcome
@@ -265,10 +268,18 @@ class ServerOcspResponse:
         if self._state is not HandleState.RUNNING:
             raise ClosedError(f"handle is {self._state.value}", subject=self.subject)
         error = await self._refresh_once(force=True)
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)  # let the refresher reschedule around this attempt
+        self._poke()  # let the refresher reschedule around this attempt
         if error is not None:
             raise error
+
+    def _poke(self) -> None:
+        """Wake the refresher so it looks at its state again."""
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def _on_store_changed(self) -> None:
+        self._store_changed = True
+        self._poke()
 
     async def close(self) -> None:
         """Stop the refresher. Contexts already handed out stay valid until freed. Idempotent."""
@@ -277,6 +288,8 @@ class ServerOcspResponse:
                 await asyncio.wait({self._task})
             return
         self._set_state(HandleState.CLOSING)
+        if self._unwatch is not None:
+            self._unwatch()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -313,6 +326,9 @@ class ServerOcspResponse:
             await self._guarded_refresh()
         while True:
             await self._sleep(self._next_wakeup())
+            if self._store_changed:  # a fleet member fetched: adopt its response, no fetch
+                self._store_changed = False
+                await self._load_from_store()
             await self._check_expiry()
             if self.next_refresh is not None and self._now() >= self.next_refresh:
                 await self._guarded_refresh()

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
@@ -42,8 +42,18 @@ class Store(abc.ABC):
         grant it; a shared store grants it to one holder at a time, for at most ``ttl`` s."""
         return _granted()
 
+    def watch(self, key: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` (on the loop thread) whenever another process put a new
+        response under ``key``; returns a function that stops watching. A shared store uses
+        this to let fleet members adopt a response at once; local stores never notify."""
+        return _nothing
+
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections; the default store holds none."""
+
+
+def _nothing() -> None:
+    return None
 
 
 @contextlib.asynccontextmanager

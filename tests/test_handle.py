@@ -527,3 +527,40 @@ async def test_async_callback_awaited(leaf, clock, responder) -> None:
 
     async with await open_handle(leaf, clock, on_update=on_update):
         assert seen == [EventKind.FETCHED]
+
+
+class SharedStore(staple.MemoryStore):
+    """A store shared by several handles that tells watchers about puts (like Redis pub/sub)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watchers: dict[str, list[Any]] = {}
+
+    async def put(self, key: str, der: bytes, *, expires: Any) -> None:
+        await super().put(key, der, expires=expires)
+        for callback in list(self.watchers.get(key, [])):
+            callback()
+
+    def watch(self, key: str, callback: Any) -> Any:
+        self.watchers.setdefault(key, []).append(callback)
+        return lambda: self.watchers[key].remove(callback)
+
+
+async def test_shared_store_notice_adopts_without_fetching(leaf, clock, responder) -> None:
+    store = SharedStore()
+    a = await open_handle(leaf, clock, store=store)
+    b = await open_handle(leaf, clock, store=store)  # adopts a's response from the store
+    try:
+        assert responder.requests == 1
+        await settle(clock)
+        clock.advance(60)
+        await a.refresh()  # a fetches; b must adopt on the notice, without a request
+        assert responder.requests == 2
+        async with asyncio.timeout(10):
+            while b.response != a.response:
+                await asyncio.sleep(0)
+        assert responder.requests == 2
+    finally:
+        await a.close()
+        await b.close()
+    assert store.watchers[a.cert_id.key] == []  # close() stopped watching
