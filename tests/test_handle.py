@@ -548,17 +548,20 @@ class SharedStore(staple.MemoryStore):
 
 async def test_shared_store_notice_adopts_without_fetching(leaf, clock, responder) -> None:
     store = SharedStore()
+    adopted = asyncio.Event()
     a = await open_handle(leaf, clock, store=store)
-    b = await open_handle(leaf, clock, store=store)  # adopts a's response from the store
+    b = await open_handle(  # adopts a's response from the store
+        leaf, clock, store=store, on_update=lambda e: adopted.set()
+    )
     try:
         assert responder.requests == 1
         await settle(clock)
         clock.advance(60)
+        adopted.clear()
         await a.refresh()  # a fetches; b must adopt on the notice, without a request
-        assert responder.requests == 2
         async with asyncio.timeout(10):
-            while b.response != a.response:
-                await asyncio.sleep(0)
+            await adopted.wait()
+        assert b.response == a.response
         assert responder.requests == 2
     finally:
         await a.close()
