@@ -189,7 +189,8 @@ class ServerOcspResponse:
         self._wake: asyncio.Future[None] | None = None  # set while the refresher sleeps
         self._store_changed = False  # a shared store told us another server stored a response
         self._unwatch: Callable[[], None] | None = None
-        self._inflight: asyncio.Future[OcspError | None] | None = None  # the running attempt
+        self._inflight: asyncio.Task[OcspError | None] | None = None  # the running attempt
+        self._closed: asyncio.Future[None] | None = None  # done once close() has finished
         self._first_outcome: asyncio.Future[None] | None = (
             asyncio.get_running_loop().create_future()
         )
@@ -282,22 +283,26 @@ class ServerOcspResponse:
         self._poke()
 
     async def close(self) -> None:
-        """Stop the refresher. Contexts already handed out stay valid until freed. Idempotent."""
-        if self._state in (HandleState.CLOSING, HandleState.CLOSED):
-            if self._task is not None and not self._task.done():
-                await asyncio.wait({self._task})
+        """Stop the refresher. Contexts already handed out stay valid until freed.
+        Idempotent; concurrent callers all return once it is closed."""
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
             return
+        self._closed = asyncio.get_running_loop().create_future()
         self._set_state(HandleState.CLOSING)
         if self._unwatch is not None:
             self._unwatch()
-        task, self._task = self._task, None
-        if task is not None:
+        tasks = [t for t in (self._task, self._inflight) if t is not None]
+        self._task = None
+        for task in tasks:
             task.cancel()
-            await asyncio.wait({task})
+        if tasks:
+            await asyncio.wait(tasks)
         if self._owns_session:
             await self._session.close()
         self._retire_current(ClosedError("handle closed", subject=self.subject))
         self._set_state(HandleState.CLOSED)
+        self._closed.set_result(None)
         await self._emit(Event(kind=EventKind.CLOSED, handle=self, subject=self.subject))
 
     async def __aenter__(self) -> ServerOcspResponse:
@@ -394,22 +399,35 @@ class ServerOcspResponse:
             self._live_contexts.discard(ctx)
 
     async def _refresh_once(self, *, force: bool = False) -> OcspError | None:
-        """One refresh attempt; concurrent callers share it. Returns the error, if any."""
-        if self._inflight is not None:  # someone else is fetching: share its outcome
-            return await asyncio.shield(self._inflight)
-        self._inflight = inflight = asyncio.get_running_loop().create_future()
+        """One refresh attempt; concurrent callers share it. Returns the error, if any.
+
+        The attempt runs in a task of its own, owned by the handle: a caller that is
+        cancelled (``wait_for(handle.refresh(), 1)``) abandons its wait, not the attempt
+        that the refresher may be sharing. Only :meth:`close` cancels it.
+        """
+        attempt = self._inflight
+        if attempt is None:
+            attempt = asyncio.get_running_loop().create_task(self._attempt(force=force))
+            self._inflight = attempt
+            attempt.add_done_callback(self._attempt_done)
         try:
-            result = await self._attempt(force=force)
-        except BaseException:
-            inflight.cancel()
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            if attempt.cancelled() and self._state is not HandleState.RUNNING:
+                # close() ended the attempt we were sharing: that's a closed handle, not a
+                # cancellation of this caller.
+                return ClosedError("handle closed during refresh", subject=self.subject)
             raise
-        else:
-            inflight.set_result(result)
-            return result
-        finally:
+
+    def _attempt_done(self, attempt: asyncio.Task[OcspError | None]) -> None:
+        if self._inflight is attempt:
             self._inflight = None
-            if self._first_outcome is not None and not self._first_outcome.done():
-                self._first_outcome.set_result(None)
+        if self._first_outcome is not None and not self._first_outcome.done():
+            self._first_outcome.set_result(None)
+        if not attempt.cancelled():
+            # Mark a stray exception (a bug: _attempt handles every OcspError) as retrieved
+            # even if every waiter went away; waiters still see it and _guarded_refresh logs it.
+            attempt.exception()
 
     async def _attempt(self, *, force: bool) -> OcspError | None:
         ttl = self.policy.fetch_timeout * max(len(self.urls), 1) + 5

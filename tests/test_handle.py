@@ -567,3 +567,40 @@ async def test_shared_store_notice_adopts_without_fetching(leaf, clock, responde
         await a.close()
         await b.close()
     assert store.watchers[a.cert_id.key] == []  # close() stopped watching
+
+
+async def test_cancelled_refresh_caller_does_not_stop_the_refresher(leaf, clock, responder):
+    """The refresher joins an attempt a caller started; the caller is cancelled: the attempt,
+    and the refresher sharing it, carry on."""
+    events = Recorder()
+    async with await open_handle(leaf, clock, on_update=events) as handle:
+        await settle(clock)
+        responder.fault = Fault.SLOW
+        responder.slow_seconds = 0.3
+        caller = asyncio.ensure_future(handle.refresh())
+        async with asyncio.timeout(10):
+            await responder.wait_for_requests(2)  # the caller's attempt is in flight
+        clock.advance(due_in(handle, clock))  # the refresher wakes and joins that attempt
+        for _ in range(5):
+            await asyncio.sleep(0)
+        caller.cancel()
+        responder.fault = None
+        await settle(clock)  # the shared attempt finished and the refresher slept again
+        assert handle._task is not None
+        assert not handle._task.done()
+        assert events.kinds()[-1] is EventKind.FETCHED
+        assert responder.requests == 2
+
+
+async def test_close_while_refresh_in_flight(leaf, clock, responder) -> None:
+    handle = await open_handle(leaf, clock)
+    await settle(clock)
+    responder.fault = Fault.SLOW
+    responder.slow_seconds = 30
+    refreshing = asyncio.ensure_future(handle.refresh())
+    async with asyncio.timeout(10):
+        await responder.wait_for_requests(2)
+    await asyncio.gather(handle.close(), handle.close())  # concurrent closes both return
+    with pytest.raises(staple.ClosedError):
+        await refreshing
+    assert handle.state is HandleState.CLOSED
