@@ -58,6 +58,17 @@ async def _read_capped(resp: aiohttp.ClientResponse, max_size: int, what: str) -
     return bytes(body)
 
 
+# A responder that can't handle the GET form answers one of these; retry the same URL by POST
+# (openssl ocsp, for one, only decodes GET requests at its root path).
+_GET_REFUSED = frozenset({400, 404, 405, 414, 501})
+
+
+class _HttpStatus(FetchError):
+    def __init__(self, reason: str, status: int) -> None:
+        self.status = status
+        super().__init__(reason)
+
+
 async def fetch_response(
     session: aiohttp.ClientSession,
     url: str,
@@ -69,37 +80,25 @@ async def fetch_response(
     subject: str | None = None,
 ) -> Fetched:
     """One attempt against one responder URL: GET when the request is small (RFC 5019:
-    cacheable), POST otherwise. Raises :class:`FetchError` for anything but a 200 with an
-    ``application/ocsp-response`` body within ``max_size``."""
+    cacheable), POST otherwise or when the responder refuses the GET form. Raises
+    :class:`FetchError` for anything but a 200 with an ``application/ocsp-response`` body
+    within ``max_size``; ``timeout`` bounds the whole attempt."""
     get = get_url(url, request_der)
-    method = "GET" if get is not None else "POST"
-    what = f"{method} {url}"
+    what = f"{'GET' if get is not None else 'POST'} {url}"
     try:
         async with asyncio.timeout(timeout):
-            kwargs: dict[str, object] = {
-                "timeout": _timeout(timeout, connect_timeout),
-                "max_redirects": _MAX_REDIRECTS,
-                "headers": {"Accept": OCSP_RESPONSE_TYPE, "Accept-Encoding": "identity"},
-            }
             if get is not None:
-                ctx = session.get(get, **kwargs)  # type: ignore[arg-type]
-            else:
-                kwargs["headers"] = {
-                    "Content-Type": OCSP_REQUEST_TYPE,
-                    "Accept": OCSP_RESPONSE_TYPE,
-                    "Accept-Encoding": "identity",
-                }
-                ctx = session.post(url, data=request_der, **kwargs)  # type: ignore[arg-type]
-            async with ctx as resp:
-                if resp.status != 200:
-                    raise FetchError(f"{what}: HTTP {resp.status} {resp.reason or ''}".rstrip())
-                ctype = resp.content_type
-                if ctype != OCSP_RESPONSE_TYPE:
-                    raise FetchError(
-                        f"{what}: content type {ctype!r}, expected {OCSP_RESPONSE_TYPE!r}"
+                try:
+                    return await _exchange(
+                        session, "GET", get, None, url, timeout, connect_timeout, max_size
                     )
-                body = await _read_capped(resp, max_size, what)
-                headers = {h: resp.headers[h] for h in _CACHE_HEADERS if h in resp.headers}
+                except _HttpStatus as exc:
+                    if exc.status not in _GET_REFUSED:
+                        raise
+                    what = f"POST {url} (after GET: HTTP {exc.status})"
+            return await _exchange(
+                session, "POST", url, request_der, url, timeout, connect_timeout, max_size
+            )
     except FetchError as exc:
         raise FetchError(exc.reason, subject=subject) from None
     except TimeoutError:
@@ -109,9 +108,42 @@ async def fetch_response(
     except (aiohttp.ClientError, OSError, ValueError) as exc:
         detail = str(exc) or type(exc).__name__
         raise FetchError(f"{what}: {detail}", subject=subject) from None
-    if not body:
-        raise FetchError(f"{what}: empty body", subject=subject)
-    return Fetched(der=body, url=url, method=method, headers=headers)
+
+
+async def _exchange(
+    session: aiohttp.ClientSession,
+    method: str,
+    target: str,
+    body: bytes | None,
+    url: str,
+    timeout: float,
+    connect_timeout: float,
+    max_size: int,
+) -> Fetched:
+    what = f"{method} {url}"
+    headers = {"Accept": OCSP_RESPONSE_TYPE, "Accept-Encoding": "identity"}
+    if body is not None:
+        headers["Content-Type"] = OCSP_REQUEST_TYPE
+    async with session.request(
+        method,
+        target,
+        data=body,
+        headers=headers,
+        timeout=_timeout(timeout, connect_timeout),
+        max_redirects=_MAX_REDIRECTS,
+    ) as resp:
+        if resp.status != 200:
+            raise _HttpStatus(
+                f"{what}: HTTP {resp.status} {resp.reason or ''}".rstrip(), resp.status
+            )
+        ctype = resp.content_type
+        if ctype != OCSP_RESPONSE_TYPE:
+            raise FetchError(f"{what}: content type {ctype!r}, expected {OCSP_RESPONSE_TYPE!r}")
+        der = await _read_capped(resp, max_size, what)
+        cache = {h: resp.headers[h] for h in _CACHE_HEADERS if h in resp.headers}
+    if not der:
+        raise FetchError(f"{what}: empty body")
+    return Fetched(der=der, url=url, method=method, headers=cache)
 
 
 async def fetch_issuer(

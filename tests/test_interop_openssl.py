@@ -356,6 +356,21 @@ async def test_http_method(
             assert line == f"POST {path or '/'} HTTP/1.1"
 
 
+async def test_get_refused_falls_back_to_post(ca: OpensslCA, good_leaf: Issued) -> None:
+    """A responder URL with a path: openssl ocsp answers the GET form with HTTP 400, so staple
+    retries the same URL by POST within the same attempt."""
+    async with (
+        OcspResponder(ca) as responder,
+        await open_handle(good_leaf.chain, responder_urls=[ca.url + "/ocsp"]) as handle,
+    ):
+        ctx = handle.get_context()
+        assert ctx is not None, handle.last_error
+        ctx.free()
+        get, post = await responder.wait_for_requests(2)
+        assert get.startswith("GET /ocsp/MEMw")
+        assert post == "POST /ocsp HTTP/1.1"
+
+
 @pytest.mark.parametrize("form", ["certificates", "pem-bytes", "pem-path"])
 async def test_chain_inputs(ca: OpensslCA, good_leaf: Issued, tmp_path: Path, form: str) -> None:
     chain: ChainInput
