@@ -348,6 +348,9 @@ async def _demo(args: argparse.Namespace, out: TextIO) -> int:
                 interactive = argv[0] in ("openssl", "gnutls-cli")  # they wait for stdin
                 print("  " + shlex.join(argv) + (" </dev/null" if interactive else ""), file=out)
             if not args.check:
+                # Show it working before handing over: the same checks, then serve on.
+                print("\nRunning them once:", file=out)
+                await _demo_checks(commands, serving, files / "ca.pem", out)
                 print("\nServing until Ctrl-C.", file=out, flush=True)
                 return await server
             try:
