@@ -47,6 +47,7 @@ class StaplingSite(web.BaseSite):
         "_port",
         "_reuse_address",
         "_reuse_port",
+        "_stopping",
         "_tls_context",
         "_tls_shutdown_timeout",
         "_transports",
@@ -80,6 +81,7 @@ class StaplingSite(web.BaseSite):
         self._handshake_timeout = handshake_timeout
         self._tls_shutdown_timeout = tls_shutdown_timeout
         self._transports: weakref.WeakSet[tls.TLSTransport] = weakref.WeakSet()
+        self._stopping = False
 
     @property
     def port(self) -> int:
@@ -100,7 +102,7 @@ class StaplingSite(web.BaseSite):
             self._tls_context,
             handshake_timeout=self._handshake_timeout,
             shutdown_timeout=self._tls_shutdown_timeout,
-            on_connection=self._transports.add,
+            on_connection=self._on_connection,
         )
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -114,8 +116,16 @@ class StaplingSite(web.BaseSite):
         if self._server.sockets:
             self._bound_port = self._server.sockets[0].getsockname()[1]
 
+    def _on_connection(self, transport: tls.TLSTransport) -> None:
+        if self._stopping:  # accepted just before stop(), connected just after: refuse it
+            transport.abort()
+            return
+        self._transports.add(transport)
+
     async def stop(self) -> None:
         # Handshakes in progress have no aiohttp handler yet, so no one else will end them.
+        # A connection accepted but not yet connected is caught by _on_connection.
+        self._stopping = True
         for transport in list(self._transports):
             if transport.tls_state is tls.TLSState.DO_HANDSHAKE:
                 transport.abort()

@@ -204,7 +204,7 @@ class ServerOcspResponse:
         if ctx is not None and self._time() < ctx._stop_at:
             ctx._refs += 1
             return ctx
-        if ctx is not None:  # past its margin, and the refresher hasn't noticed yet
+        if ctx is not None and self._current is ctx:  # stale; the refresher hasn't noticed
             self._retire_current(
                 ExpiredResponseError(
                     f"held response expires {ctx.expires.isoformat()}, within the margin",
@@ -225,7 +225,9 @@ class ServerOcspResponse:
     @property
     def live_references(self) -> int:
         """References handed out and not yet freed, over all of this handle's contexts."""
-        return sum(ctx._refs for ctx in self._live_contexts)
+        # list(): a snapshot taken under the GIL, since free() may run on another thread
+        # (weakref.finalize in a threaded TLS server) and shrink the set meanwhile.
+        return sum(ctx._refs for ctx in list(self._live_contexts))
 
     @property
     def live_contexts(self) -> int:
