@@ -4,6 +4,9 @@ A handle per certificate chain keeps a verified, current OCSP response (refreshe
 task, persisted in a store); a non-blocking getter hands it to the TLS handshake.
 """
 
+from . import aiohttp as aiohttp  # staple.aiohttp.StaplingSite
+from . import ocsp as ocsp
+from . import tls as tls  # staple.tls.create_server, start_server
 from .clock import Clock, SystemClock
 from .context import OcspResponseContext
 from .errors import (
