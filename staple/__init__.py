@@ -5,6 +5,7 @@ task, persisted in a store); a non-blocking getter hands it to the TLS handshake
 """
 
 from . import aiohttp as aiohttp  # staple.aiohttp.StaplingSite
+from . import contexts as contexts  # build_server_context
 from . import ocsp as ocsp
 from . import tls as tls  # staple.tls.create_server, start_server
 from .clock import Clock, SystemClock
