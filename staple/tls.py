@@ -56,11 +56,11 @@ handshake; ``eof_received`` at most once; ``connection_lost`` once, and only if
 Outgoing data and flow control
 ------------------------------
 Everything OpenSSL produces goes out through one method, ``_process_outgoing``, which reads the
-outgoing BIO 64 KiB at a time and writes each chunk (immutable ``bytes``) straight to TCP. What
-one incoming event produces (handshake flight, session tickets, the application's response,
+outgoing BIO about 64 KiB at a time and writes each chunk (immutable ``bytes``) straight to TCP.
+What one incoming event produces (handshake flight, session tickets, the application's response,
 close_notify) is *corked* and flushed once at the end of the event; application writes made
-outside an event are flushed at once. Large writes are encrypted 48 KiB at a time (three
-records, whose ciphertext fits one 64 KiB read), so the BIO never holds more than that.
+outside an event are flushed at once. Large writes are encrypted 64 KiB at a time (four
+records, whose ciphertext fits one 68 KiB read), so the BIO never holds more than that.
 
 Since nothing is held back in the TLS layer, the write buffer *is* the TCP transport's buffer:
 ``pause_writing``/``resume_writing`` reach the application when the TCP transport pauses or
@@ -116,11 +116,13 @@ DEFAULT_SHUTDOWN_TIMEOUT: Final = 30.0
 
 # One TLS record carries at most 16 KiB of plaintext: the unit of ``recv``.
 _RECORD: Final = 16 * 1024
-# ``bio_read`` allocates its argument each call: 64 KiB stays well under glibc's mmap threshold
-# (larger reads tripled CPU per MB through heap churn).
-_BIO_READ: Final = 64 * 1024
-# Plaintext encrypted between two drains: three records, whose ciphertext fits one _BIO_READ.
-_WRITE_CHUNK: Final = 3 * _RECORD
+# Plaintext encrypted between two drains: four full records.
+_WRITE_CHUNK: Final = 4 * _RECORD
+# ``bio_read`` allocates its argument each call. 68 KiB holds the ciphertext of _WRITE_CHUNK
+# whatever the cipher (at most ~330 bytes of overhead a record, for CBC with SHA-384), so one
+# read drains it; and it stays well under glibc's 128 KiB mmap threshold (256 KiB reads tripled
+# CPU per MB through heap churn).
+_BIO_READ: Final = 68 * 1024
 # The TCP transport reads into this; one per thread, shared by every connection.
 _RECEIVE_BUFFER_SIZE: Final = 256 * 1024
 _LOG_THRESHOLD_FOR_CONNLOST_WRITES: Final = _asyncio_constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES
@@ -705,8 +707,9 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
         if self._app_state is not AppState.CON_MADE:
             return
         self._set_state(AppState.EOF)
+        eof_received = getattr(self._app_protocol, "eof_received", None)  # BaseProtocol has none
         try:
-            keep_open = self._app_protocol.eof_received()
+            keep_open = eof_received() if eof_received is not None else None
         except Exception as exc:
             self._fatal_error(exc, "application protocol eof_received() failed")
             return
@@ -716,10 +719,10 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
     def _on_peer_eof(self) -> None:
         """TCP EOF in WRAPPED without a close_notify first: end the connection."""
         logger.debug("%r: the peer closed TCP without a TLS close_notify", self)
-        self._call_eof_received()
-        if self._state is TLSState.WRAPPED:
+        self._call_eof_received()  # the app may close() here: then its close_notify goes out
+        if self._state is not TLSState.CLOSED:
             self._set_state(TLSState.CLOSED)
-            self._close_tcp()
+        self._close_tcp()
 
     # -- shutdown flow
 
@@ -737,6 +740,8 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
         )
         self._resume_tcp_reading()  # the peer's close_notify must get in
         self._do_shutdown()
+        if self._peer_eof and self._state is TLSState.SHUTDOWN:
+            self._on_shutdown_complete()  # TCP already ended: nothing more will come
         if not self._corked:
             self._process_outgoing()
 
@@ -840,7 +845,7 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
     # -- outgoing flow
 
     def _process_outgoing(self) -> None:
-        """Drain the outgoing BIO to TCP: 64 KiB reads, each written as it is read."""
+        """Drain the outgoing BIO to TCP: 68 KiB reads, each written as it is read."""
         self._unflushed = 0
         if self._tcp_closing:
             return
