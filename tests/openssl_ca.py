@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import socket
 import subprocess
 from collections.abc import Callable, Sequence
@@ -52,8 +50,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-import pytest
 from cryptography import x509
+
+from .external import require
 
 __all__ = [
     "Issued",
@@ -72,15 +71,8 @@ class OpensslError(RuntimeError):
 
 
 def require_openssl() -> str:
-    """The ``openssl`` executable's path; skips the test when it is missing, or fails it when
-    the environment variable ``CI`` is ``true`` (CI must run the interop tests)."""
-    path = shutil.which("openssl")
-    if path is None:
-        reason = "the openssl command-line tool is not installed (apt-get install openssl)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI=true requires the interop tests to run")
-        pytest.skip(reason)
-    return path
+    """The ``openssl`` executable's path (see :func:`tests.external.require`)."""
+    return require("openssl")
 
 
 def free_port() -> int:

@@ -15,7 +15,6 @@ import gc
 import hashlib
 import os
 import random
-import shutil
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -38,6 +37,8 @@ from staple.contexts import build_server_context
 from staple.handle import HandleState, ServerOcspResponse
 from staple.stapler import Stapler
 from staple.testing import Leaf, OcspResponder, TestPKI
+
+from .external import require
 
 HOST = "127.0.0.1"
 # test_many_handshakes: 10,000 takes about 10 s on two idle cores (up to ~25 s under load).
@@ -119,15 +120,6 @@ async def poll(condition: Callable[[], bool], *, seconds: float = 10.0) -> None:
             return
         await asyncio.sleep(0.01)
     assert condition(), "condition not reached"
-
-
-def require(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{tool} is required on CI")
-        pytest.skip(f"{tool} not installed")
-    return path
 
 
 # -- a blocking pyOpenSSL HTTPS client that asks for a staple --------------------------------

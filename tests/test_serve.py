@@ -34,19 +34,11 @@ from staple._probe import probe
 from staple._serve import ServeConfig, Serving, render_page, serve
 from staple.testing import Fault, Leaf, OcspResponder, TestPKI
 
+from .external import require
+
 HOST = "127.0.0.1"
 CURL_BAD_STAPLE = 91  # CURLE_SSL_INVALIDCERTSTATUS (Debian curl 7.88)
 QUICK = RefreshPolicy(wait_timeout=5.0, fetch_timeout=5.0, connect_timeout=2.0)
-
-
-def require(program: str) -> str:
-    """The path of ``program``; skip the test if it is missing, but fail under ``CI=true``."""
-    path = shutil.which(program)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{program} is not installed; CI=true requires the interop tests to run")
-        pytest.skip(f"{program} not installed")
-    return path
 
 
 # -- fixtures and helpers ----------------------------------------------------------------------

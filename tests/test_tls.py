@@ -16,9 +16,7 @@ import gc
 import hashlib
 import importlib
 import logging
-import os
 import random
-import shutil
 import socket
 import ssl
 import struct
@@ -39,6 +37,8 @@ from OpenSSL import SSL
 
 from staple import tls
 from staple.tls import AppState, TLSServerProtocol, TLSState, TLSTransport
+
+from .external import require
 
 uvloop: Any = None
 with contextlib.suppress(ImportError):  # optional: these tests also run on uvloop if present
@@ -1360,12 +1360,7 @@ def test_aiohttp_app_with_file_response(run: Run, pki: PKI, tmp_path: Path) -> N
 
 
 def _openssl() -> str:
-    path = shutil.which("openssl")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("openssl is required on CI")
-        pytest.skip("openssl not installed")
-    return path
+    return require("openssl")
 
 
 class UpperAndClose(App):
