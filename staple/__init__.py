@@ -4,6 +4,8 @@ A handle per certificate chain keeps a verified, current OCSP response (refreshe
 task, persisted in a store); a non-blocking getter hands it to the TLS handshake.
 """
 
+from typing import TYPE_CHECKING
+
 from . import aiohttp as aiohttp  # staple.aiohttp.StaplingSite
 from . import contexts as contexts  # build_server_context
 from . import ocsp as ocsp
@@ -36,7 +38,20 @@ from .policy import RefreshPolicy
 from .stapler import MustStaple, Stapler, StapleRefused
 from .store import FileStore, MemoryStore, Store
 
+if TYPE_CHECKING:
+    from .redis_store import RedisStore
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # RedisStore imports redis.asyncio (~130 ms): loaded on first use, not with staple.
+    if name == "RedisStore":
+        from .redis_store import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BadResponseError",
@@ -60,6 +75,7 @@ __all__ = [
     "NotYetValidError",
     "OcspError",
     "OcspResponseContext",
+    "RedisStore",
     "RefreshPolicy",
     "ResponderStatusError",
     "ResponseUnavailableError",

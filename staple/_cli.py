@@ -95,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
         help="where OCSP responses persist across restarts (%(default)s)",
     )
     cache.add_argument("--no-cache", action="store_true", help="keep responses in memory only")
+    cache.add_argument(
+        "--store",
+        metavar="URL",
+        help="share responses with a fleet through Redis (redis://HOST:PORT/DB): one server "
+        "fetches per refresh, the others adopt its response",
+    )
     serve.add_argument(
         "--responder", metavar="URL", help="ask this OCSP URL instead of each certificate's AIA one"
     )
@@ -267,6 +273,7 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
         host=args.host,
         port=args.port,
         cache_dir=None if args.no_cache else args.cache_dir,
+        store_url=args.store,
         responder=args.responder,
         static=args.static,
     )

@@ -70,6 +70,8 @@ class ServeConfig:
     """0 picks a free port (printed, and in :attr:`Serving.port`)."""
     cache_dir: str | os.PathLike[str] | None = field(default_factory=default_cache_dir)
     """Where responses persist (a :class:`FileStore`); ``None`` keeps them in memory only."""
+    store_url: str | None = None
+    """A shared store for a fleet (``redis://HOST:PORT/DB``); overrides ``cache_dir``."""
     responder: str | None = None
     """Ask this OCSP URL for every certificate instead of the one in its AIA extension."""
     static: str | os.PathLike[str] | None = None
@@ -120,12 +122,32 @@ async def serve(
         if started:  # before that, the status lines say it all
             _say(out, f"{_stamp()} {event}")
 
-    store: Store = FileStore(config.cache_dir) if config.cache_dir is not None else MemoryStore()
+    store: Store
+    redis_store = None
+    if config.store_url is not None:
+        if not config.store_url.startswith(("redis://", "rediss://", "unix://")):
+            print(
+                f"staple serve: --store {config.store_url!r}: expected redis://HOST:PORT/DB",
+                file=sys.stderr,
+                flush=True,
+            )
+            return EXIT_USAGE
+        from .redis_store import RedisStore  # redis loads only for fleets
+
+        store = redis_store = RedisStore(config.store_url)
+    elif config.cache_dir is not None:
+        store = FileStore(config.cache_dir)
+    else:
+        store = MemoryStore()
     stapler = Stapler(store=store, policy=config.policy, on_update=on_update)
     runner: web.AppRunner | None = None
     try:
         try:
             _check_paths(config)
+            if redis_store is not None:
+                # Subscribe before the first fetch so no fleet notice is missed; Redis being
+                # down is not fatal (the store fails open and every server fetches itself).
+                await redis_store.connect()
             handles = await _open_handles(stapler, config)
             ctx = _server_context(config, stapler)
             runner = web.AppRunner(_app(config, stapler, handles), access_log=None)

@@ -356,6 +356,8 @@ class ServerOcspResponse:
 
     async def _sleep(self, deadline: float) -> None:
         """Sleep on the clock until ``deadline``, or until :meth:`refresh` pokes us."""
+        if self._store_changed:  # a notice came while we were busy: act on it first
+            return
         loop = asyncio.get_running_loop()
         self._wake = wake = loop.create_future()
         sleeper = loop.create_task(self._clock.sleep_until(deadline))
@@ -415,7 +417,12 @@ class ServerOcspResponse:
         try:
             return await asyncio.shield(attempt)
         except asyncio.CancelledError:
-            if attempt.cancelled() and self._state is not HandleState.RUNNING:
+            current = asyncio.current_task()
+            if (
+                attempt.cancelled()
+                and self._state is not HandleState.RUNNING
+                and (current is None or current.cancelling() == 0)
+            ):
                 # close() ended the attempt we were sharing: that's a closed handle, not a
                 # cancellation of this caller.
                 return ClosedError("handle closed during refresh", subject=self.subject)
