@@ -59,6 +59,10 @@ def default_cache_dir() -> Path:
     return Path(base) / "staple"
 
 
+MAX_HANDSHAKES = 1024
+"""Connections allowed in the TLS handshake at once; more are refused (slowloris floods)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServeConfig:
     """What ``staple serve`` was asked to do."""
@@ -230,7 +234,9 @@ def _server_context(config: ServeConfig, stapler: Stapler) -> SSL.Context:
 
 
 async def _listen(runner: web.AppRunner, config: ServeConfig, ctx: SSL.Context) -> StaplingSite:
-    site = StaplingSite(runner, config.host, config.port, ssl_context=ctx)
+    site = StaplingSite(
+        runner, config.host, config.port, ssl_context=ctx, max_handshakes=MAX_HANDSHAKES
+    )
     try:
         await site.start()
     except OSError as exc:

@@ -44,6 +44,7 @@ class StaplingSite(web.BaseSite):
         "_bound_port",
         "_handshake_timeout",
         "_host",
+        "_max_handshakes",
         "_port",
         "_reuse_address",
         "_reuse_port",
@@ -65,6 +66,7 @@ class StaplingSite(web.BaseSite):
         reuse_port: bool | None = None,
         handshake_timeout: float = tls.DEFAULT_HANDSHAKE_TIMEOUT,
         tls_shutdown_timeout: float = tls.DEFAULT_SHUTDOWN_TIMEOUT,
+        max_handshakes: int | None = None,
     ) -> None:
         if not isinstance(ssl_context, SSL.Context):
             raise TypeError(
@@ -80,6 +82,7 @@ class StaplingSite(web.BaseSite):
         self._tls_context = ssl_context
         self._handshake_timeout = handshake_timeout
         self._tls_shutdown_timeout = tls_shutdown_timeout
+        self._max_handshakes = max_handshakes
         self._transports: weakref.WeakSet[tls.TLSTransport] = weakref.WeakSet()
         self._stopping = False
 
@@ -103,6 +106,7 @@ class StaplingSite(web.BaseSite):
             handshake_timeout=self._handshake_timeout,
             shutdown_timeout=self._tls_shutdown_timeout,
             on_connection=self._on_connection,
+            max_handshakes=self._max_handshakes,
         )
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(

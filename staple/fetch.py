@@ -105,6 +105,10 @@ async def fetch_response(
         raise FetchError(f"{what}: timed out after {timeout:g} s", subject=subject) from None
     except aiohttp.TooManyRedirects:
         raise FetchError(f"{what}: too many redirects", subject=subject) from None
+    except (aiohttp.NonHttpUrlRedirectClientError, aiohttp.InvalidUrlRedirectClientError) as e:
+        raise FetchError(
+            f"{what}: refused redirect to a non-HTTP or invalid URL {str(e)!r}", subject=subject
+        ) from None
     except (aiohttp.ClientError, OSError, ValueError) as exc:
         detail = str(exc) or type(exc).__name__
         raise FetchError(f"{what}: {detail}", subject=subject) from None

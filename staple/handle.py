@@ -335,7 +335,10 @@ class ServerOcspResponse:
             await self._sleep(self._next_wakeup())
             if self._store_changed:  # a fleet member fetched: adopt its response, no fetch
                 self._store_changed = False
-                await self._load_from_store()
+                try:
+                    await self._load_from_store()
+                except Exception:  # a bug must not stop the refresher
+                    log.exception("%s: unexpected error adopting from the store", self.subject)
             await self._check_expiry()
             if self.next_refresh is not None and self._now() >= self.next_refresh:
                 await self._guarded_refresh()

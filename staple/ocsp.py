@@ -319,7 +319,7 @@ def validate(
 
     try:
         resp = ocsp.load_der_ocsp_response(der)
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise BadResponseError(f"not a DER OCSP response ({exc})", subject=who) from None
     if resp.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
         rstatus = resp.response_status.name.lower()
@@ -350,6 +350,12 @@ def validate(
                 f"({resp.signature_algorithm_oid.dotted_string}: {exc})",
                 subject=who,
             ) from None
+        if _signature_unused_bits(der, resp.tbs_response_bytes) != 0:
+            # cryptography ignores the BIT STRING's unused-bits octet; OpenSSL refuses a
+            # signature with bits left over, so every OpenSSL client would reject the staple.
+            raise BadResponseError(
+                "response signature BIT STRING has unused bits (not DER)", subject=who
+            )
 
         this_update = single.this_update_utc
         next_update = single.next_update_utc
@@ -357,7 +363,9 @@ def validate(
         status = single.certificate_status
         revocation_time = single.revocation_time_utc if status is CertStatus.REVOKED else None
         revocation_reason = single.revocation_reason if status is CertStatus.REVOKED else None
-    except ValueError as exc:  # cryptography raises ValueError on malformed inner fields
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        # cryptography raises ValueError on malformed inner fields, UnsupportedAlgorithm on an
+        # unknown CertID hash or key type: either way, not a response we can vouch for.
         raise BadResponseError(f"malformed response ({exc})", subject=who) from None
 
     if this_update > now + skew:
@@ -395,6 +403,32 @@ def validate(
     if current is not None:
         check_not_older(verified, current, who=who)
     return verified
+
+
+def _skip_tlv(der: bytes, at: int) -> int:
+    """The offset just past the DER element starting at ``at`` (IndexError if truncated)."""
+    first = der[at + 1]
+    if first < 0x80:
+        return at + 2 + first
+    n = first & 0x7F
+    return at + 2 + n + int.from_bytes(der[at + 2 : at + 2 + n], "big")
+
+
+def _signature_unused_bits(der: bytes, tbs: bytes) -> int:
+    """The unused-bits octet of BasicOCSPResponse.signature, which follows tbsResponseData and
+    signatureAlgorithm; -1 if it cannot be located."""
+    at = der.find(tbs)
+    if at < 0:
+        return -1
+    try:
+        bits = _skip_tlv(der, at + len(tbs))  # past signatureAlgorithm
+        if der[bits] != 0x03:  # BIT STRING
+            return -1
+        first = der[bits + 1]
+        header = 2 if first < 0x80 else 2 + (first & 0x7F)
+        return der[bits + header]
+    except IndexError:
+        return -1
 
 
 def _find_single(

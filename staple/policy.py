@@ -102,12 +102,13 @@ def next_refresh(
     # Rule: not before the responder's cache says anything newer exists ...
     if fresh_until is not None:
         when = max(when, fresh_until)
-    # ... and not in a tight loop (short-lived responses scale the interval down).
-    when = max(when, now + min(policy.min_interval, validity / 4))
     # Rule: never so late that several retries no longer fit before we must stop stapling.
     latest = stop - min(policy.safety, (stop - resp.this_update) / 4)
     when = min(when, latest)
-    return max(when, now)
+    # Rule: never in a tight loop, even past the latest point - a responder (or its CDN) that
+    # keeps serving the response we hold must not be asked again at once. Short-lived
+    # responses scale the interval down.
+    return max(when, now + min(policy.min_interval, validity / 4))
 
 
 def retry_delay(

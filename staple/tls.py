@@ -377,8 +377,10 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         on_connection: Callable[[TLSTransport], None] | None = None,
+        handshake_gate: HandshakeGate | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._gate = handshake_gate
         self._handshake_timeout = _check_timeout("handshake_timeout", handshake_timeout)
         self._shutdown_timeout = _check_timeout("shutdown_timeout", shutdown_timeout)
         self._on_connection = on_connection
@@ -436,6 +438,12 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
         if not allowed:
             raise RuntimeError(f"cannot switch state from {old} to {new_state}")
         if isinstance(new_state, TLSState):
+            gate = self._gate
+            if gate is not None:  # count handshakes in progress, for the server's cap
+                if new_state is TLSState.DO_HANDSHAKE:
+                    gate.active += 1
+                elif self._state is TLSState.DO_HANDSHAKE:
+                    gate.active -= 1
             self._state = new_state
             if new_state is TLSState.SHUTDOWN or new_state is TLSState.CLOSED:
                 self._release()
@@ -494,6 +502,20 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
         app_transport = self._app_transport = TLSTransport(self._loop, self)
+        gate = self._gate
+        if gate is not None and gate.active >= gate.limit:
+            # Too many handshakes in progress (slowloris): refuse this one at once, before it
+            # costs an SSL object's handshake state, rather than let memory grow.
+            gate.refused += 1
+            if gate.refused == 1 or gate.refused % 1000 == 0:
+                logger.warning(
+                    "refusing connections: %d TLS handshakes in progress (max_handshakes); "
+                    "%d refused so far",
+                    gate.active,
+                    gate.refused,
+                )
+            app_transport.abort()
+            return
         if self._on_connection is not None:
             try:
                 self._on_connection(app_transport)
@@ -966,6 +988,19 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
             self._transport.resume_reading()
 
 
+class HandshakeGate:
+    """Counts a server's connections still in the TLS handshake, against a cap."""
+
+    __slots__ = ("active", "limit", "refused")
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"max_handshakes must be at least 1, got {limit}")
+        self.limit = limit
+        self.active = 0
+        self.refused = 0
+
+
 def server_protocol_factory(
     protocol_factory: Callable[[], asyncio.BaseProtocol],
     ssl_context: SSL.Context,
@@ -973,6 +1008,7 @@ def server_protocol_factory(
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     on_connection: Callable[[TLSTransport], None] | None = None,
+    max_handshakes: int | None = None,
 ) -> Callable[[], TLSServerProtocol]:
     """Wrap ``protocol_factory`` for ``loop.create_server``: each connection gets TLS.
 
@@ -988,10 +1024,15 @@ def server_protocol_factory(
             if t.tls_state is TLSState.DO_HANDSHAKE:
                 t.abort()
 
+    ``max_handshakes`` caps the connections of this factory that may be in the handshake at
+    once; more are aborted on arrival (a slowloris flood costs a refused connection each, not
+    an SSL object each). ``None``: no cap, like asyncio's own servers.
+
     Raises :exc:`TypeError` if ``ssl_context`` is not an ``OpenSSL.SSL.Context`` and
     :exc:`ValueError` for a timeout that is not positive.
     """
     context = _check_context(ssl_context)
+    gate = HandshakeGate(max_handshakes) if max_handshakes is not None else None
     handshake_timeout = _check_timeout("handshake_timeout", handshake_timeout)
     shutdown_timeout = _check_timeout("shutdown_timeout", shutdown_timeout)
 
@@ -1002,6 +1043,7 @@ def server_protocol_factory(
             handshake_timeout=handshake_timeout,
             shutdown_timeout=shutdown_timeout,
             on_connection=on_connection,
+            handshake_gate=gate,
         )
 
     return factory
@@ -1015,6 +1057,7 @@ async def create_server(
     ssl_context: SSL.Context,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    max_handshakes: int | None = None,
     **kwargs: Any,
 ) -> asyncio.Server:
     """Like ``loop.create_server(protocol_factory, host, port, ssl=...)``, TLS by pyOpenSSL.
@@ -1030,6 +1073,7 @@ async def create_server(
         ssl_context,
         handshake_timeout=handshake_timeout,
         shutdown_timeout=shutdown_timeout,
+        max_handshakes=max_handshakes,
     )
     loop: Any = asyncio.get_running_loop()  # kwargs pass through: skip the overloads
     server: asyncio.Server = await loop.create_server(factory, host, port, **kwargs)
@@ -1047,6 +1091,7 @@ async def start_server(
     limit: int = 2**16,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    max_handshakes: int | None = None,
     **kwargs: Any,
 ) -> asyncio.Server:
     """Like ``asyncio.start_server(..., ssl=...)``, TLS by pyOpenSSL.
@@ -1068,5 +1113,6 @@ async def start_server(
         ssl_context=ssl_context,
         handshake_timeout=handshake_timeout,
         shutdown_timeout=shutdown_timeout,
+        max_handshakes=max_handshakes,
         **kwargs,
     )

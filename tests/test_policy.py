@@ -67,8 +67,8 @@ def test_short_lived_responses_scale_the_safety() -> None:
 
 def test_never_in_the_past_and_min_interval() -> None:
     r = resp()
-    late = T0 + 6.99 * DAY  # past the latest refresh point: now, never in the past
-    assert next_refresh(r, now=late, policy=P) == late
+    late = T0 + 6.99 * DAY  # past the latest refresh point: soon, but never a tight loop
+    assert next_refresh(r, now=late, policy=P) == late + P.min_interval
     overdue = T0 + 6.9 * DAY  # overdue but before the latest point: after the min interval
     assert next_refresh(r, now=overdue, policy=P) == overdue + P.min_interval
     early = T0 + 3.5 * DAY - timedelta(seconds=10)
