@@ -27,7 +27,8 @@ class Clock(Protocol):
         ...
 
     async def sleep_until(self, deadline: float) -> None:
-        """Return once :meth:`time` has reached ``deadline`` (at once if it already has)."""
+        """Return once :meth:`time` has reached ``deadline`` (at once if it already has), or
+        early when the clock jumped backwards - callers re-check the time and reschedule."""
         ...
 
 
@@ -38,10 +39,15 @@ class SystemClock:
     time = staticmethod(time.time)
 
     async def sleep_until(self, deadline: float) -> None:
+        last = time.time()
         while True:
-            remaining = deadline - time.time()
+            now = time.time()
+            if now < last - 1.0:  # the clock went back: let the caller reschedule
+                return
+            remaining = deadline - now
             if remaining <= 0:
                 return
+            last = now
             await asyncio.sleep(min(remaining, _MAX_STEP))
 
 

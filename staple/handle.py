@@ -59,6 +59,8 @@ __all__ = [
 
 log = logging.getLogger("staple")
 
+_JUMP = timedelta(seconds=1)  # a backwards clock step larger than this is a jump, not jitter
+
 
 class HandleState(enum.Enum):
     OPENING = "opening"
@@ -180,6 +182,7 @@ class ServerOcspResponse:
         )
         self.failures = 0
         self.next_refresh: datetime | None = None
+        self._scheduled_at: datetime | None = None  # the clock reading next_refresh came from
         self._fresh_until: datetime | None = None
         self._expired_reported = False
         self._rejected_der: bytes | None = None
@@ -340,6 +343,9 @@ class ServerOcspResponse:
                 except Exception:  # a bug must not stop the refresher
                     log.exception("%s: unexpected error adopting from the store", self.subject)
             await self._check_expiry()
+            if self._clock_went_back():
+                log.warning("%s: the wall clock went back; refreshing now", self.subject)
+                self._schedule(self._now(), now=self._now())
             if self.next_refresh is not None and self._now() >= self.next_refresh:
                 await self._guarded_refresh()
 
@@ -349,6 +355,15 @@ class ServerOcspResponse:
         except Exception as exc:  # a bug here must not kill stapling for good
             log.exception("%s: unexpected error in the refresher", self.subject)
             await self._failed([OcspError(f"internal error: {exc!r}", subject=self.subject)])
+
+    def _schedule(self, when: datetime, *, now: datetime) -> None:
+        self.next_refresh = when
+        self._scheduled_at = now
+
+    def _clock_went_back(self) -> bool:
+        """Whether the wall clock is now earlier than when the schedule was made: that
+        schedule (a deadline in a "future" that never came) means nothing any more."""
+        return self._scheduled_at is not None and self._now() < self._scheduled_at - _JUMP
 
     def _next_wakeup(self) -> float:
         assert self.next_refresh is not None
@@ -450,7 +465,8 @@ class ServerOcspResponse:
             if adopted and not force and self._now() < self._due():
                 return None
             if not granted:  # another server is fetching for us all: look again shortly
-                self.next_refresh = self._now() + timedelta(seconds=min(ttl, 10.0))
+                now = self._now()
+                self._schedule(now + timedelta(seconds=min(ttl, 10.0)), now=now)
                 return None
             errors: list[OcspError] = []
             for url in self.urls:
@@ -493,12 +509,15 @@ class ServerOcspResponse:
         self._response = verified
         self.failures = 0
         self._expired_reported = False
-        self.next_refresh = next_refresh(
-            verified,
+        self._schedule(
+            next_refresh(
+                verified,
+                now=now,
+                policy=self.policy,
+                fresh_until=self._fresh_until,
+                rand=random.random(),
+            ),
             now=now,
-            policy=self.policy,
-            fresh_until=self._fresh_until,
-            rand=random.random(),
         )
         if verified.cert_status is ocsp.CertStatus.REVOKED and not self.policy.staple_revoked:
             self._retire_current(
@@ -596,7 +615,7 @@ class ServerOcspResponse:
         delay = retry_delay(
             self.failures, now=now, policy=self.policy, held=held, rand=random.random()
         )
-        self.next_refresh = now + delay
+        self._schedule(now + delay, now=now)
         # With several responder URLs, the last one's reason is reported; each was logged.
         for e in errors[:-1]:
             log.debug("%s", e)

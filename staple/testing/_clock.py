@@ -121,11 +121,21 @@ class FakeClock:
     def set(self, t: float | datetime) -> None:
         """Jump to ``t`` (epoch seconds or datetime), forwards or backwards.
 
-        Jumping forwards wakes the sleepers whose deadline has been reached; jumping backwards
-        wakes nobody.
+        Jumping forwards wakes the sleepers whose deadline has been reached. Jumping backwards
+        wakes every sleeper, as :class:`staple.clock.SystemClock` returns early when the wall
+        clock goes back: a deadline computed before the jump may mean nothing after it.
         """
-        self._now = _to_epoch(t)
-        self._wake()
+        t = _to_epoch(t)
+        backwards = t < self._now
+        self._now = t
+        if backwards:
+            for sleeper in self._sleepers:
+                if not sleeper.future.done():
+                    sleeper.future.set_result(None)
+            self._sleepers.clear()
+            self._notify_waiters()
+        else:
+            self._wake()
 
     @property
     def sleepers(self) -> int:
