@@ -11,6 +11,7 @@ import base64
 import contextlib
 import email.utils
 import urllib.parse
+import zlib
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -788,6 +789,14 @@ def _check_http_500(code: int, ctype: str, body: bytes, *_: object) -> None:
     assert code == 500
 
 
+def _check_http_status(status: int) -> Check:
+    def check(code: int, ctype: str, body: bytes, *_: object) -> None:
+        assert (code, ctype) == (status, "text/plain")
+        assert body.startswith(f"{status} ".encode())
+
+    return check
+
+
 def _check_html(code: int, ctype: str, body: bytes, *_: object) -> None:
     assert (code, ctype) == (200, "text/html")
     assert body.startswith(b"<!doctype html>")
@@ -866,7 +875,9 @@ def _check_wrong_cert(
 
 
 CHECKS: dict[Fault, Check] = {
+    Fault.HTTP_404: _check_http_status(404),
     Fault.HTTP_500: _check_http_500,
+    Fault.HTTP_503: _check_http_status(503),
     Fault.HTML_ERROR: _check_html,
     Fault.WRONG_CONTENT_TYPE: _check_wrong_type,
     Fault.TRY_LATER: _check_unsuccessful(ocsp.OCSPResponseStatus.TRY_LATER),
@@ -886,8 +897,23 @@ CHECKS: dict[Fault, Check] = {
 }
 
 
+# Faults about how (or whether) the answer is sent, each with a test of its own below.
+SENDING_FAULTS = {
+    Fault.DOWN,
+    Fault.SLOW,
+    Fault.CONNECTION_RESET,
+    Fault.SLOW_BODY,
+    Fault.REDIRECT_LOOP,
+    Fault.REDIRECT_FILE,
+    Fault.REDIRECT_FTP,
+    Fault.GZIP_BOMB,
+    Fault.REPLAY,
+}
+
+
 def test_every_fault_is_checked() -> None:
-    assert set(CHECKS) | {Fault.DOWN, Fault.SLOW} == set(Fault)
+    assert set(CHECKS) | SENDING_FAULTS == set(Fault)
+    assert not set(CHECKS) & SENDING_FAULTS
 
 
 @pytest.mark.parametrize("fault", list(CHECKS), ids=lambda f: f.value)
@@ -974,6 +1000,126 @@ async def test_fault_slow_lets_a_client_time_out(
             timeout=aiohttp.ClientTimeout(total=0.05),
         ):
             pass
+
+
+async def test_fault_http_503_says_retry_after(
+    responder: OcspResponder, session: aiohttp.ClientSession, leaf: Leaf
+) -> None:
+    responder.fault = Fault.HTTP_503
+    code, _, _, headers = await post(session, responder.url, request_der(leaf))
+    assert code == 503
+    assert headers["Retry-After"] == "120"
+
+
+async def test_fault_connection_reset_mid_body(
+    responder: OcspResponder, session: aiohttp.ClientSession, leaf: Leaf
+) -> None:
+    responder.fault = Fault.CONNECTION_RESET
+    async with session.post(responder.url, data=request_der(leaf), headers=_OCSP_POST) as resp:
+        assert resp.status == 200  # the headers arrived ...
+        assert resp.content_type == "application/ocsp-response"
+        length = resp.content_length
+        assert length is not None and length > 100
+        with pytest.raises(aiohttp.ClientPayloadError):  # ... half the body did not
+            await resp.read()
+    assert responder.log == [("POST", "connection_reset")]
+    responder.fault = None
+    await fetch(responder, session, leaf)
+
+
+async def test_fault_slow_body_sends_headers_then_waits(
+    responder: OcspResponder, session: aiohttp.ClientSession, leaf: Leaf
+) -> None:
+    responder.fault = Fault.SLOW_BODY
+    responder.slow_seconds = 30
+    async with session.post(responder.url, data=request_der(leaf), headers=_OCSP_POST) as resp:
+        assert resp.status == 200  # headers at once: only a total timeout helps
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await resp.read()
+    responder.slow_seconds = 0.01
+    async with session.post(responder.url, data=request_der(leaf), headers=_OCSP_POST) as resp:
+        body = await resp.read()
+    assert ocsp.load_der_ocsp_response(body).certificate_status is ocsp.OCSPCertStatus.GOOD
+    assert responder.log == [("POST", "slow_body"), ("POST", "slow_body")]
+
+
+@pytest.mark.parametrize(
+    ("fault", "location"),
+    [
+        (Fault.REDIRECT_FILE, "file:///etc/passwd"),
+        (Fault.REDIRECT_FTP, "ftp://127.0.0.1/ocsp"),
+        (Fault.REDIRECT_LOOP, "/ocsp"),
+    ],
+)
+async def test_fault_redirects(
+    responder: OcspResponder,
+    session: aiohttp.ClientSession,
+    leaf: Leaf,
+    fault: Fault,
+    location: str,
+) -> None:
+    responder.fault = fault
+    async with session.post(
+        responder.url,
+        data=request_der(leaf),
+        headers=_OCSP_POST,
+        allow_redirects=False,
+    ) as resp:
+        assert resp.status in (302, 307)
+        assert resp.headers["Location"] == location
+    # Following: a loop ends in TooManyRedirects, anything else leaves HTTP (refused).
+    with pytest.raises(aiohttp.ClientError):
+        async with session.post(
+            responder.url, data=request_der(leaf), headers=_OCSP_POST, max_redirects=3
+        ):
+            pass
+    assert set(responder.log) == {("POST", fault.value)}
+
+
+async def test_fault_gzip_bomb(responder: OcspResponder, leaf: Leaf) -> None:
+    from staple.testing._responder import GZIP_BOMB_BYTES
+
+    responder.fault = Fault.GZIP_BOMB
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as session,
+        session.post(responder.url, data=request_der(leaf), headers=_OCSP_POST) as resp,
+    ):
+        assert resp.headers["Content-Encoding"] == "gzip"
+        assert resp.headers["Transfer-Encoding"] == "chunked"
+        assert resp.content_type == "application/ocsp-response"
+        compressed = await resp.read()
+    assert len(compressed) < 200 * 1024
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    inflated = 0
+    pending = compressed
+    while pending:  # inflate in bounded steps: the test must not hold 100 MiB either
+        inflated += len(inflater.decompress(pending, 1 << 20))
+        pending = inflater.unconsumed_tail
+    assert inflated == GZIP_BOMB_BYTES
+    assert responder.log == [("POST", "gzip_bomb")]
+
+
+async def test_fault_replay_sends_the_first_response_signed(
+    responder: OcspResponder, session: aiohttp.ClientSession, leaf: Leaf, clock: FakeClock
+) -> None:
+    other = responder.pki.issue_leaf("other.test")
+    responder.fault = Fault.REPLAY  # nothing signed yet: answered normally, and remembered
+    first = await fetch(responder, session, leaf)
+    responder.fault = None
+    clock.advance(3600)
+    newer = await fetch(responder, session, leaf)
+    assert ocsp.load_der_ocsp_response(newer).this_update_utc > (
+        ocsp.load_der_ocsp_response(first).this_update_utc
+    )
+    responder.fault = "replay"
+    assert await fetch(responder, session, leaf) == first  # byte for byte
+    assert responder.response_for(leaf) == first  # without HTTP too
+    # Per certificate: another one's first response is its own.
+    replayed = ocsp.load_der_ocsp_response(await fetch(responder, session, other))
+    assert replayed.serial_number == other.cert.serial_number
+    assert responder.log == [("POST", "good"), ("POST", "good"), ("POST", "replay"),
+                             ("POST", "good")]  # fmt: skip
 
 
 # -- OcspResponder: lifecycle and counters ---------------------------------------------------

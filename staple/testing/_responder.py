@@ -3,11 +3,12 @@
 Theory of operation: :class:`OcspResponder` is an aiohttp low-level server on 127.0.0.1 with a
 single handler. A request is, in order: counted; served as a CA certificate if its path was
 registered by :meth:`~OcspResponder.serve_issuer`; subjected to the transport faults (DOWN
-resets the connection, SLOW waits); decoded (GET ``/<prefix>/<base64>`` or POST
-``application/ocsp-request``) into CertIDs; answered from the status table by
-:meth:`OcspResponder._answer`, which builds a real signed response; and finally bent by the
-content faults (wrong status, dates, signer, encoding...). The outcome is appended to
-:attr:`OcspResponder.log`.
+resets the connection, the REDIRECT_* faults redirect, SLOW waits); decoded (GET
+``/<prefix>/<base64>`` or POST ``application/ocsp-request``) into CertIDs; answered from the
+status table by :meth:`OcspResponder._answer`, which builds a real signed response; bent by the
+content faults (wrong status, dates, signer, encoding, a replay...); and finally sent, all at
+once or as the body faults say (CONNECTION_RESET, SLOW_BODY, GZIP_BOMB). The outcome is
+appended to :attr:`OcspResponder.log`.
 
 Responses are built with :class:`cryptography.x509.ocsp.OCSPResponseBuilder`. That builder
 takes one SingleResponse and stamps producedAt with the real time, so the responder re-signs
@@ -23,12 +24,14 @@ import base64
 import binascii
 import contextlib
 import enum
+import functools
 import math
 import os
 import socket
 import struct
 import urllib.parse
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -58,6 +61,15 @@ PKIX_CERT_TYPE = "application/pkix-cert"
 OVERSIZE_BYTES = 1 << 20
 """The body size of :attr:`Fault.OVERSIZE` (1 MiB)."""
 
+GZIP_BOMB_BYTES = 100 << 20
+"""What the body of :attr:`Fault.GZIP_BOMB` inflates to (100 MiB of zeros)."""
+
+REDIRECT_FILE_URL = "file:///etc/passwd"
+"""Where :attr:`Fault.REDIRECT_FILE` sends the client."""
+
+REDIRECT_FTP_URL = "ftp://127.0.0.1/ocsp"
+"""Where :attr:`Fault.REDIRECT_FTP` sends the client."""
+
 
 class Fault(enum.Enum):
     """What the responder should get wrong, set with ``responder.fault = Fault.X`` (or ``"x"``).
@@ -67,11 +79,34 @@ class Fault(enum.Enum):
 
     # Transport and HTTP faults.
     DOWN = "down"
-    """Accept the TCP connection, read the request, reset the connection (no HTTP response)."""
+    """Accept the TCP connection, read the request, reset the connection (no HTTP response).
+    (For a responder that is not listening at all, :meth:`OcspResponder.close` it.)"""
+    CONNECTION_RESET = "connection_reset"
+    """Send the status line, the headers and half of a valid response, then reset the
+    connection: a reset in the middle of the body rather than before any answer."""
     SLOW = "slow"
     """Wait ``responder.slow_seconds`` (real time) before answering normally."""
+    SLOW_BODY = "slow_body"
+    """Send the headers and the first byte of a valid response at once, the rest after
+    ``responder.slow_seconds`` (real time): only a total timeout, not a header timeout, ends
+    the wait."""
+    HTTP_404 = "http_404"
+    """HTTP 404 with a text body (a responder URL that moved)."""
     HTTP_500 = "http_500"
     """HTTP 500 with a text body."""
+    HTTP_503 = "http_503"
+    """HTTP 503 with a text body and ``Retry-After: 120`` (an overloaded responder)."""
+    REDIRECT_LOOP = "redirect_loop"
+    """HTTP 307 back to the same URL, every time."""
+    REDIRECT_FILE = "redirect_file"
+    """HTTP 302 to ``file:///etc/passwd`` (:data:`REDIRECT_FILE_URL`): a client must not follow
+    a redirect out of HTTP."""
+    REDIRECT_FTP = "redirect_ftp"
+    """HTTP 302 to ``ftp://127.0.0.1/ocsp`` (:data:`REDIRECT_FTP_URL`)."""
+    GZIP_BOMB = "gzip_bomb"
+    """HTTP 200, ``application/ocsp-response``, ``Content-Encoding: gzip``, chunked (no
+    Content-Length to refuse early): about 100 KiB that inflate to :data:`GZIP_BOMB_BYTES` of
+    zeros."""
     HTML_ERROR = "html_error"
     """HTTP 200 with a ``text/html`` error page, like a captive portal or a misconfigured CDN."""
     WRONG_CONTENT_TYPE = "wrong_content_type"
@@ -108,6 +143,10 @@ class Fault(enum.Enum):
     embedded in the response."""
     WRONG_CERT = "wrong_cert"
     """A valid signed response about another serial number (the requested one plus one)."""
+    REPLAY = "replay"
+    """The first response the responder signed, without a fault, for the same CertIDs,
+    re-sent unchanged: validly signed, but older than anything fetched since. If none was
+    signed yet, the request is answered normally (and that answer is the one replayed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +177,7 @@ class _Answer:
     content_type: str = OCSP_RESPONSE_TYPE
     http_status: int = 200
     this_update: datetime | None = None
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True, eq=False)
@@ -222,6 +262,7 @@ class OcspResponder:
         self._fault: Fault | None = None
         self._table: dict[tuple[bytes, int], _Status] = {}
         self._issuers: dict[str, bytes] = {}
+        self._first: dict[tuple[tuple[str, bytes, bytes, int], ...], _Answer] = {}
         self._runner: web.ServerRunner | None = None
         self._server: _Server | None = None
         self._closing: asyncio.Event | None = None
@@ -400,8 +441,9 @@ class OcspResponder:
     ) -> bytes:
         """The DER response the responder would send now for one certificate, without HTTP.
 
-        Content faults apply (TRY_LATER, EXPIRED, WRONG_SIGNER, GARBAGE, TRUNCATED...);
-        transport and HTTP faults (DOWN, SLOW, HTTP_500, HTML_ERROR) do not. The CertID uses
+        Content faults apply (TRY_LATER, EXPIRED, WRONG_SIGNER, GARBAGE, TRUNCATED, REPLAY...);
+        transport and HTTP faults (DOWN, SLOW, redirects, body faults) do not, and the HTTP
+        error faults return their text body. The CertID uses
         ``algorithm`` (default SHA-1) and ``issuer`` (default the leaf's issuer, or the PKI CA
         whose name is the certificate's issuer). Nothing is counted or logged.
         """
@@ -424,12 +466,15 @@ class OcspResponder:
             return _unsuccessful(_UNSUCCESSFUL[fault], fault.value)
         if fault is Fault.GARBAGE:
             return _Answer(b"\x00staple.testing garbage\xff" + os.urandom(64), fault.value)
-        if fault is Fault.HTTP_500:
+        if fault in _HTTP_ERRORS:
+            assert fault is not None
+            status, text, headers = _HTTP_ERRORS[fault]
             return _Answer(
-                b"500 Internal Server Error (staple.testing fault http_500)\n",
+                f"{status} {text} (staple.testing fault {fault.value})\n".encode(),
                 fault.value,
                 content_type="text/plain",
-                http_status=500,
+                http_status=status,
+                headers=headers,
             )
         if fault is Fault.HTML_ERROR:
             page = b"<!doctype html><html><body><h1>Service unavailable</h1></body></html>\n"
@@ -442,7 +487,13 @@ class OcspResponder:
         if request is None:
             answer = _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformed_request")
         else:
-            answer = self._successful(request, fault)
+            key = _request_key(request)
+            first = self._first.get(key)
+            if fault is Fault.REPLAY and first is not None:
+                return _Answer(first.body, fault.value, this_update=first.this_update)
+            answer = self._successful(request, None if fault is Fault.REPLAY else fault)
+            if fault in (None, Fault.REPLAY) and first is None and answer.this_update is not None:
+                self._first[key] = answer  # what REPLAY will send from now on
 
         if fault is Fault.WRONG_CONTENT_TYPE:
             return _Answer(answer.body, fault.value, "text/plain", this_update=answer.this_update)
@@ -553,6 +604,15 @@ class OcspResponder:
         if fault is Fault.DOWN:
             self._record(method, fault.value)
             return self._reset(request)
+        if fault in _REDIRECTS:
+            assert fault is not None
+            self._record(method, fault.value)
+            status, location = _REDIRECTS[fault]
+            return web.Response(
+                status=status,
+                text=f"staple.testing fault {fault.value}\n",
+                headers={"Location": location or request.raw_path},
+            )
 
         slow = fault is Fault.SLOW
         if slow:
@@ -578,10 +638,62 @@ class OcspResponder:
         else:
             request_der = _decode_get_path(path)
 
+        if fault is Fault.GZIP_BOMB:
+            self._record(method, fault.value)
+            return await self._send_gzip_bomb(request)
         answer = self._answer(request_der, fault)
         if not slow:
             self._record(method, answer.outcome)
+        if fault is Fault.CONNECTION_RESET:
+            return await self._send_then_reset(request, answer)
+        if fault is Fault.SLOW_BODY:
+            return await self._send_slowly(request, answer)
         return self._respond(answer)
+
+    async def _send_then_reset(
+        self, request: web.BaseRequest, answer: _Answer
+    ) -> web.StreamResponse:
+        """Headers and half the body, then a reset (CONNECTION_RESET)."""
+        response = web.StreamResponse(headers={"Content-Type": answer.content_type})
+        response.content_length = len(answer.body)
+        with contextlib.suppress(ConnectionError):
+            await response.prepare(request)
+            await response.write(answer.body[: len(answer.body) // 2])
+        self._reset(request)
+        return response
+
+    async def _send_slowly(self, request: web.BaseRequest, answer: _Answer) -> web.StreamResponse:
+        """Headers and one byte at once, the rest after ``slow_seconds`` (SLOW_BODY)."""
+        response = web.StreamResponse(headers={"Content-Type": answer.content_type})
+        response.content_length = len(answer.body)
+        try:
+            await response.prepare(request)
+            await response.write(answer.body[:1])
+        except ConnectionError:
+            return response
+        assert self._closing is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.slow_seconds):
+                await self._closing.wait()
+        if self._closing.is_set():
+            self._reset(request)
+            return response
+        with contextlib.suppress(ConnectionError):
+            await response.write(answer.body[1:])
+        return response
+
+    async def _send_gzip_bomb(self, request: web.BaseRequest) -> web.StreamResponse:
+        """A small gzip body that inflates to GZIP_BOMB_BYTES, chunked (GZIP_BOMB)."""
+        response = web.StreamResponse(
+            headers={"Content-Type": OCSP_RESPONSE_TYPE, "Content-Encoding": "gzip"}
+        )
+        response.enable_chunked_encoding()
+        bomb = _gzip_bomb()
+        with contextlib.suppress(ConnectionError):
+            await response.prepare(request)
+            for start in range(0, len(bomb), 16 * 1024):
+                await response.write(bomb[start : start + 16 * 1024])
+        return response
 
     def _respond(self, answer: _Answer) -> web.Response:
         now = self._now()
@@ -589,6 +701,7 @@ class OcspResponder:
             body=answer.body, status=answer.http_status, content_type=answer.content_type
         )
         response.headers["Date"] = format_datetime(now, usegmt=True)
+        response.headers.extend(answer.headers)
         if self.max_age is not None and answer.this_update is not None:
             response.headers["Cache-Control"] = (
                 f"max-age={self.max_age}, public, no-transform, must-revalidate"
@@ -652,11 +765,38 @@ _UNSUCCESSFUL = {
     Fault.MALFORMED_REQUEST: ocsp.OCSPResponseStatus.MALFORMED_REQUEST,
 }
 
+_HTTP_ERRORS: dict[Fault, tuple[int, str, tuple[tuple[str, str], ...]]] = {
+    Fault.HTTP_404: (404, "Not Found", ()),
+    Fault.HTTP_500: (500, "Internal Server Error", ()),
+    Fault.HTTP_503: (503, "Service Unavailable", (("Retry-After", "120"),)),
+}
+
+_REDIRECTS: dict[Fault, tuple[int, str | None]] = {
+    Fault.REDIRECT_LOOP: (307, None),  # None: back to the request's own path
+    Fault.REDIRECT_FILE: (302, REDIRECT_FILE_URL),
+    Fault.REDIRECT_FTP: (302, REDIRECT_FTP_URL),
+}
+
 _CERT_STATUS = {
     "good": ocsp.OCSPCertStatus.GOOD,
     "revoked": ocsp.OCSPCertStatus.REVOKED,
     "unknown": ocsp.OCSPCertStatus.UNKNOWN,
 }
+
+
+@functools.cache
+def _gzip_bomb() -> bytes:
+    """GZIP_BOMB_BYTES of zeros, gzipped (about 100 KiB), built once without holding them."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    parts = [compressor.compress(block) for _ in range(GZIP_BOMB_BYTES // len(block))]
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+def _request_key(request: _Request) -> tuple[tuple[str, bytes, bytes, int], ...]:
+    """The CertIDs of a request, hashable: what REPLAY remembers first responses by."""
+    return tuple((c.algorithm.name, c.name_hash, c.key_hash, c.serial) for c in request.cert_ids)
 
 
 def _unsuccessful(status: ocsp.OCSPResponseStatus, outcome: str) -> _Answer:
