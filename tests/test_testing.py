@@ -169,14 +169,20 @@ async def test_clock_past_deadline_returns_at_once(clock: FakeClock) -> None:
     assert clock.sleepers == 0
 
 
-async def test_clock_set_backwards_wakes_nobody_forwards_does(clock: FakeClock) -> None:
-    task = asyncio.create_task(clock.sleep(10))
-    await clock.wait_for_sleepers()
-    clock.set(clock.time() - 3600)
-    await asyncio.sleep(0)
-    assert not task.done()
-    clock.set(T0 + timedelta(seconds=10))
-    await task
+async def test_clock_set_backwards_wakes_everyone_forwards_only_the_due(
+    clock: FakeClock,
+) -> None:
+    """Like SystemClock: a jump back returns sleepers early so they reschedule."""
+    early = asyncio.create_task(clock.sleep(10))
+    late = asyncio.create_task(clock.sleep(3600))
+    await clock.wait_for_sleepers(2)
+    clock.set(T0 + timedelta(seconds=10))  # forwards: only the due one
+    await early
+    assert not late.done()
+    assert clock.sleepers == 1
+    clock.set(clock.time() - 3600)  # backwards: everyone re-checks
+    await late
+    assert clock.sleepers == 0
 
 
 async def test_clock_wakes_in_deadline_order(clock: FakeClock) -> None:
