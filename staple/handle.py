@@ -34,6 +34,7 @@ from .chain import ChainInput, ca_issuers_urls, load_chain, must_staple, ocsp_ur
 from .clock import Clock, SystemClock, to_datetime
 from .context import OcspResponseContext
 from .errors import (
+    BadResponseError,
     CertificateRevokedError,
     ChainError,
     ClosedError,
@@ -574,7 +575,11 @@ class ServerOcspResponse:
                 margin=self.policy.margin,
                 current=self._response,
             )
-        except ValidationError as exc:
+        except Exception as exc:  # never trust the store: anything unreadable is rejected
+            if not isinstance(exc, ValidationError):
+                exc = BadResponseError(
+                    f"unreadable stored response ({exc!r})", subject=self.subject
+                )
             self._rejected_der = der
             await self._emit(
                 Event(

@@ -363,9 +363,10 @@ def validate(
         status = single.certificate_status
         revocation_time = single.revocation_time_utc if status is CertStatus.REVOKED else None
         revocation_reason = single.revocation_reason if status is CertStatus.REVOKED else None
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        # cryptography raises ValueError on malformed inner fields, UnsupportedAlgorithm on an
-        # unknown CertID hash or key type: either way, not a response we can vouch for.
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # cryptography raises ValueError on malformed inner fields, TypeError on some
+        # mistyped name attributes, UnsupportedAlgorithm on an unknown CertID hash or key type:
+        # either way, not a response we can vouch for.
         raise BadResponseError(f"malformed response ({exc})", subject=who) from None
 
     if this_update > now + skew:
