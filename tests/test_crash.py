@@ -446,22 +446,33 @@ def with_unsupported_certid_hash(der: bytes) -> bytes:
     return der[: i + 6] + b"\x1b" + der[i + 7 :]
 
 
-UNSUPPORTED = (
-    "staple/ocsp.py validate() lets cryptography's UnsupportedAlgorithm escape (an unknown "
-    "CertID hash OID; see tests/test_fuzz.py), and staple/handle.py _load_from_store() "
-    "(line ~548) only catches ValidationError"
+def with_bit_string_in_responder_name(der: bytes) -> bytes:
+    """A response whose responder name has its O attribute tagged BIT STRING."""
+    i = der.index(b"\x06\x03U\x04\n\x0c")  # 2.5.4.10 (O), UTF8String
+    return der[: i + 5] + b"\x03" + der[i + 6 :]
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [
+        pytest.param(with_unsupported_certid_hash, id="unsupported_certid_hash"),
+        pytest.param(
+            with_bit_string_in_responder_name,
+            id="name_bit_string",
+        ),
+    ],
 )
-
-
-@pytest.mark.xfail(strict=True, reason=UNSUPPORTED + ": open_server_ocsp_response raises")
-async def test_cache_file_with_unsupported_algorithm_is_rejected_not_fatal(
-    pki: TestPKI, responder: OcspResponder, tmp_path: Path
+async def test_cache_file_cryptography_cannot_represent_is_rejected_not_fatal(
+    pki: TestPKI, responder: OcspResponder, tmp_path: Path, poison: Callable[[bytes], bytes]
 ) -> None:
+    """A cached response cryptography cannot fully parse (an unknown CertID hash once raised
+    UnsupportedAlgorithm out of validate() and made open_server_ocsp_response - and staple
+    serve - fail): rejected, then fetched."""
     leaf = pki.issue_leaf("oid.crash.test", ocsp_url=responder.url)
     store = staple.FileStore(tmp_path / "cache")
     store.directory.mkdir()
     path = store.path_for(key_of(leaf))
-    path.write_bytes(with_unsupported_certid_hash(responder.response_for(leaf)))
+    path.write_bytes(poison(responder.response_for(leaf)))
     events: list[staple.Event] = []
     async with await staple.open_server_ocsp_response(
         leaf.chain, store=store, policy=QUICK, on_update=events.append
@@ -489,15 +500,11 @@ class SharedStore(staple.MemoryStore):
         return lambda: self.watchers[key].remove(callback)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=UNSUPPORTED + "; and _run() (line ~338) calls _load_from_store() unguarded on a "
-    "store notice: one poisoned shared-store entry silently kills every fleet member's "
-    "refresher task",
-)
 async def test_poisoned_shared_store_entry_does_not_kill_the_refresher(
     pki: TestPKI, responder: OcspResponder
 ) -> None:
+    """One poisoned entry in a shared store once killed the refresher of every fleet member
+    it notified (an exception out of an unguarded _load_from_store)."""
     clock = FakeClock()
     leaf = pki.issue_leaf("fleet.crash.test", ocsp_url=responder.url)
     store = SharedStore()
@@ -574,15 +581,10 @@ async def test_wall_clock_jumps_never_serve_an_expired_staple(
     assert all(e.kind is not staple.EventKind.REJECTED for e in events)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="staple/handle.py _run()/_sleep(): the next refresh is a wall-clock deadline "
-    "computed while the clock was wrong; after the clock jumps back, the refresher sleeps "
-    "until that stale deadline (~2 days here) with nothing stapled",
-)
 async def test_stapling_resumes_soon_after_the_clock_comes_back(pki: TestPKI) -> None:
     """The server clock jumps 2 days ahead (the held response expires and every fetched one
-    looks expired), then NTP puts it right: stapling must resume within a backoff step."""
+    looks expired), then NTP puts it right: stapling must resume within a backoff step. (It
+    once slept until the deadline computed under the wrong clock: ~2 days unstapled.)"""
     true = FakeClock()
     server = FakeClock(true.time())
     async with OcspResponder(pki, clock=true) as responder:
