@@ -185,7 +185,9 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
         )
     except (InvalidSignature, UnsupportedAlgorithm, TypeError, ValueError):
         return False
-    return True
+    # As for responses: OpenSSL refuses a signature BIT STRING with unused bits, so must we.
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return _signature_unused_bits(der, cert.tbs_certificate_bytes) == 0
 
 
 def check_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> None:

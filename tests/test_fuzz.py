@@ -23,7 +23,8 @@ long session by hand.
 What the fuzzing found is pinned by tests here: ``UnsupportedAlgorithm`` escaping ``validate``
 (an unknown CertID hash OID; an embedded certificate with an unknown key type), a signature BIT
 STRING with unused bits that staple accepted and OpenSSL refuses, and a ``TypeError`` for a
-responder name attribute tagged BIT STRING (all fixed).
+responder name attribute tagged BIT STRING, and the same unused-bits leniency in the signature
+of an embedded delegated responder certificate (all fixed).
 cryptography also *warns* about a countryName that is not two characters long: harmless, but
 raised under warnings-as-errors, so the harness ignores that one warning.
 """
@@ -45,6 +46,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp as x509_ocsp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -279,6 +281,30 @@ def test_signature_bit_string_with_unused_bits_is_refused_like_openssl() -> None
     at = der.index(tbs) + len(tbs)
     algorithm = _read(der, at, len(der))
     bits = _read(der, algorithm.end, len(der))
+    assert bits.tag == 0x03 and der[bits.body] == 0
+    mutated = der[: bits.body] + b"\x02" + der[bits.body + 1 :]  # "2 unused bits"
+    with pytest.raises(staple.OcspError):
+        staple.ocsp.validate(mutated, leaf.cert, leaf.chain[1], now=clock.now())
+
+
+def test_delegated_signer_certificate_with_unused_bits_is_refused_like_openssl() -> None:
+    clock = FakeClock(NOW - timedelta(minutes=30))
+    for _ in range(200):  # a responder certificate whose signature ends in two zero bits
+        pki = TestPKI(now=clock.now())
+        cert_der = pki.intermediate.responder.cert.public_bytes(serialization.Encoding.DER)
+        if cert_der[-1] & 0b11 == 0:
+            break
+    else:
+        pytest.fail("no suitable responder certificate in 200 tries")
+    responder = OcspResponder(pki, clock=clock, signer="delegated")
+    leaf = pki.issue_leaf("delegate-bits.fuzz.test")
+    der = responder.response_for(leaf)
+    assert staple.ocsp.validate(der, leaf.cert, leaf.chain[1], now=clock.now()).delegated
+    # Certificate: SEQUENCE { tbsCertificate, signatureAlgorithm, signature BIT STRING }
+    cert = _read(der, der.index(cert_der), len(der))
+    tbs = _read(der, cert.body, cert.end)
+    algorithm = _read(der, tbs.end, cert.end)
+    bits = _read(der, algorithm.end, cert.end)
     assert bits.tag == 0x03 and der[bits.body] == 0
     mutated = der[: bits.body] + b"\x02" + der[bits.body + 1 :]  # "2 unused bits"
     with pytest.raises(staple.OcspError):
