@@ -534,10 +534,13 @@ async def test_responder_serving_the_held_response_is_not_hammered(leaf, clock, 
         good.free()
         responder.fault = Fault.REPLAY  # the first response signed: the one held
         await settle(clock)
-        clock.set(stop - 1800)  # past latest = stop - min(safety, ...): refresh due now
         before = responder.requests
-        await asyncio.sleep(0.5)  # real time, fake time frozen: a sane refresher sleeps
+        clock.advance(stop - 1800 - clock.time())  # past latest: the refresh is due now
+        await responder.wait_for_requests(before + 1)  # the refresher asks ...
+        await settle(clock)  # ... and then sleeps again (a spinning one never would)
         assert responder.requests - before <= 2, f"{responder.requests - before} requests"
+        assert handle.next_refresh is not None
+        assert handle.next_refresh >= clock.now() + POLICY.min_interval / 2
 
 
 @pytest.mark.parametrize("fault", [Fault.REDIRECT_FILE, Fault.REDIRECT_FTP])
