@@ -69,22 +69,6 @@ async def raw(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def pki(clock: FakeClock) -> TestPKI:
-    return TestPKI(now=clock.now())
-
-
-@pytest.fixture
-async def responder(pki: TestPKI, clock: FakeClock) -> AsyncIterator[OcspResponder]:
-    async with OcspResponder(pki, clock=clock) as r:
-        yield r
-
-
-@pytest.fixture
 def leaf(pki: TestPKI, responder: OcspResponder) -> Any:
     return pki.issue_leaf("fleet.test", ocsp_url=responder.url)
 

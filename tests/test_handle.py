@@ -7,7 +7,6 @@ test waits until it is asleep (``settle``), moves time, and counts what the resp
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,22 +20,6 @@ from staple.testing import FakeClock, Fault, OcspResponder, TestPKI
 
 HOUR = 3600.0
 POLICY = RefreshPolicy(jitter=0.0, wait_timeout=5.0, fetch_timeout=5.0)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def pki(clock: FakeClock) -> TestPKI:
-    return TestPKI(now=clock.now())
-
-
-@pytest.fixture
-async def responder(pki: TestPKI, clock: FakeClock) -> AsyncIterator[OcspResponder]:
-    async with OcspResponder(pki, clock=clock) as r:
-        yield r
 
 
 @pytest.fixture

@@ -16,27 +16,11 @@ from OpenSSL import SSL
 import staple
 from staple import ocsp
 from staple.stapler import MustStaple, Stapler, StapleRefused
-from staple.testing import FakeClock, OcspResponder, TestPKI
+from staple.testing import FakeClock
 
 from .tls_pair import client_context, handshake
 
 VERSIONS = [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION]
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def pki(clock: FakeClock) -> TestPKI:
-    return TestPKI(now=clock.now())
-
-
-@pytest.fixture
-async def responder(pki: TestPKI, clock: FakeClock) -> AsyncIterator[OcspResponder]:
-    async with OcspResponder(pki, clock=clock) as r:
-        yield r
 
 
 @pytest.fixture
