@@ -25,7 +25,6 @@ Theory of operation of :func:`validate` (RFC 6960 §3.2 and §4.2.2.2, as OpenSS
 from __future__ import annotations
 
 import base64
-import functools
 import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -108,7 +107,6 @@ class CertId:
         )
 
 
-@functools.lru_cache(maxsize=4096)
 def _issuer_hashes(
     cert: x509.Certificate, issuer: x509.Certificate, algorithm: str
 ) -> tuple[bytes, bytes]:
@@ -172,9 +170,13 @@ class VerifiedResponse:
         return self.signer.subject.rfc4514_string()
 
 
-@functools.lru_cache(maxsize=4096)
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """Whether ``issuer``'s key verifies ``cert``'s signature (cached: chains are long-lived)."""
+    """Whether ``issuer``'s key verifies ``cert``'s signature.
+
+    Not cached: a cache keyed by certificates keeps every leaf it saw alive, and thrashes past
+    its size with thousands of chains. A handle checks its pair once, at open, and then
+    validates with ``issuer_checked=True``.
+    """
     try:
         _verify(
             issuer.public_key(),
@@ -308,6 +310,9 @@ def validate(
     skew: timedelta = DEFAULT_SKEW,
     margin: timedelta = DEFAULT_MARGIN,
     current: VerifiedResponse | None = None,
+    expected: CertId | None = None,
+    subject: str | None = None,
+    issuer_checked: bool = False,
 ) -> VerifiedResponse:
     """Verify an OCSP response for ``cert`` (issued by ``issuer``) at ``now``.
 
@@ -315,9 +320,18 @@ def validate(
     :class:`~staple.errors.ValidationError` subclass naming the rule broken and the
     certificate. ``now`` must be timezone-aware. With ``current``, a response older than it is
     refused (:class:`RollbackError`). Pure: no I/O, no clock.
+
+    A caller that validates for the same pair again and again (a handle: every refresh, for
+    days) can pass what does not change: ``expected``, the pair's :func:`cert_id` (for its
+    hash algorithm; a response using another one is matched the slow way), ``subject``, the
+    :func:`describe` text for errors, and ``issuer_checked=True`` once :func:`check_issued_by`
+    has passed for the pair. Nothing else is skipped.
     """
-    who = describe(cert)
-    check_issued_by(cert, issuer)
+    who = describe(cert) if subject is None else subject
+    if expected is not None and expected.serial_number != cert.serial_number:
+        raise ValueError(f"expected= is the CertID of another certificate than {who}")
+    if not issuer_checked:
+        check_issued_by(cert, issuer)
 
     try:
         resp = ocsp.load_der_ocsp_response(der)
@@ -330,7 +344,7 @@ def validate(
         )
 
     try:
-        single = _find_single(resp, cert, issuer, who)
+        single, found_id = _find_single(resp, cert, issuer, who, expected)
         signer, delegated = _find_signer(resp, issuer, now, skew, who)
         try:
             _verify(
@@ -392,7 +406,7 @@ def validate(
 
     verified = VerifiedResponse(
         der=der,
-        cert_id=cert_id(cert, issuer, algorithm=single.hash_algorithm.name),
+        cert_id=found_id,
         cert_status=status,
         this_update=this_update,
         next_update=next_update,
@@ -435,21 +449,28 @@ def _signature_unused_bits(der: bytes, tbs: bytes) -> int:
 
 
 def _find_single(
-    resp: ocsp.OCSPResponse, cert: x509.Certificate, issuer: x509.Certificate, who: str
-) -> ocsp.OCSPSingleResponse:
+    resp: ocsp.OCSPResponse,
+    cert: x509.Certificate,
+    issuer: x509.Certificate,
+    who: str,
+    expected: CertId | None,
+) -> tuple[ocsp.OCSPSingleResponse, CertId]:
     seen = []
     for single in resp.responses:
         algorithm = single.hash_algorithm.name
         if algorithm not in _HASHES:
             seen.append(f"{algorithm} CertID")
             continue
-        name_hash, key_hash = _issuer_hashes(cert, issuer, algorithm)
+        if expected is not None and expected.hash_algorithm == algorithm:
+            wanted = expected
+        else:
+            wanted = cert_id(cert, issuer, algorithm=algorithm)
         if (
-            single.serial_number == cert.serial_number
-            and single.issuer_name_hash == name_hash
-            and single.issuer_key_hash == key_hash
+            single.serial_number == wanted.serial_number
+            and single.issuer_name_hash == wanted.issuer_name_hash
+            and single.issuer_key_hash == wanted.issuer_key_hash
         ):
-            return single
+            return single, wanted
         seen.append(f"serial {single.serial_number:#x} ({algorithm})")
     raise CertIdMismatchError(
         f"response is not about this certificate (it answers for {', '.join(seen) or 'nothing'})",

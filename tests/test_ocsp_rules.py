@@ -363,3 +363,47 @@ def test_sha256_cert_id_differs(pki, leaf) -> None:
     assert a.key != b.key and len(b.issuer_key_hash) == 32
     with pytest.raises(ValueError, match="unsupported"):
         ocsp.cert_id(leaf.cert, pki.intermediate.cert, algorithm="md5")
+
+
+# -- what a handle passes to skip repeated work ---------------------------------------------
+
+
+@pytest.mark.parametrize("algo", [hashes.SHA1, hashes.SHA256])
+def test_expected_cert_id_matches_like_the_computed_one(pki, leaf, algo) -> None:
+    """With ``expected`` (SHA-1, as a handle asks), a SHA-1 response matches it and a SHA-256
+    one is matched the slow way: both pass, with the CertID they carry."""
+    expected = ocsp.cert_id(leaf.cert, pki.intermediate.cert)
+    v = check(pki, leaf, build(pki, leaf, Resp(hash_algorithm=algo)), expected=expected)
+    assert v.cert_id == ocsp.cert_id(leaf.cert, pki.intermediate.cert, algorithm=algo.name)
+
+
+def test_expected_cert_id_still_refuses_other_certificates(pki, leaf) -> None:
+    expected = ocsp.cert_id(leaf.cert, pki.intermediate.cert)
+    with pytest.raises(errors.CertIdMismatchError):
+        check(pki, leaf, build(pki, leaf, Resp(serial_delta=1)), expected=expected)
+    with pytest.raises(errors.CertIdMismatchError):
+        check(pki, leaf, build(pki, leaf, Resp(about_other_issuer=True)), expected=expected)
+
+
+def test_expected_cert_id_of_another_certificate_is_a_caller_bug(pki, leaf) -> None:
+    other = pki.issue_leaf("other-expected.test")
+    wrong = ocsp.cert_id(other.cert, pki.intermediate.cert)
+    with pytest.raises(ValueError, match="another certificate"):
+        check(pki, leaf, build(pki, leaf, Resp()), expected=wrong)
+
+
+def test_subject_names_the_certificate_in_errors(pki, leaf) -> None:
+    with pytest.raises(errors.OcspError) as info:
+        check(pki, leaf, b"junk", subject="the described leaf")
+    assert info.value.subject == "the described leaf"
+
+
+def test_issuer_checked_skips_only_the_issuer_check(pki, leaf) -> None:
+    """``issuer_checked=True`` trusts the caller on issuance; a response for the wrong issuer
+    is still refused, by its CertID."""
+    der = build(pki, leaf, Resp())
+    assert check(pki, leaf, der, issuer_checked=True).cert_status is ocsp.CertStatus.GOOD
+    with pytest.raises(errors.IssuerMismatchError):
+        ocsp.validate(der, leaf.cert, pki.root.cert, now=NOW)
+    with pytest.raises(errors.CertIdMismatchError):
+        ocsp.validate(der, leaf.cert, pki.root.cert, now=NOW, issuer_checked=True)
