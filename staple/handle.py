@@ -28,6 +28,7 @@ from types import TracebackType
 
 import aiohttp
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from . import ocsp
 from .chain import ChainInput, ca_issuers_urls, load_chain, must_staple, ocsp_urls
@@ -144,10 +145,53 @@ ResponderUrls = Sequence[str] | Mapping[str, str]
 class ServerOcspResponse:
     """The handle for one certificate chain. Create with :func:`open_server_ocsp_response`."""
 
+    # A server may hold 10,000 of these: slots keep each one small (past 30 attributes CPython
+    # stops sharing instance-dict keys, and every handle would carry a private dict).
+    __slots__ = (
+        "__weakref__",
+        "_clock",
+        "_closed",
+        "_current",
+        "_expired_reported",
+        "_fetch_slots",
+        "_first_outcome",
+        "_first_slot",
+        "_fresh_until",
+        "_inflight",
+        "_live_contexts",
+        "_on_update",
+        "_owns_session",
+        "_rejected_der",
+        "_request",
+        "_response",
+        "_scheduled_at",
+        "_session",
+        "_state",
+        "_store_changed",
+        "_task",
+        "_time",
+        "_unwatch",
+        "_wake",
+        "cert",
+        "cert_id",
+        "chain",
+        "failures",
+        "issuer",
+        "last_error",
+        "must_staple",
+        "next_refresh",
+        "policy",
+        "store",
+        "subject",
+        "urls",
+    )
+
     def __init__(
         self,
         chain: list[x509.Certificate],
         *,
+        subject: str,
+        must_staple: bool,
         urls: list[str],
         store: Store,
         session: aiohttp.ClientSession,
@@ -160,11 +204,11 @@ class ServerOcspResponse:
         self.chain = chain
         self.cert = chain[0]
         self.issuer = chain[1]
-        self.subject = ocsp.describe(self.cert)
+        self.subject = subject
         self.urls = urls
         self.store = store
         self.policy = policy
-        self.must_staple = must_staple(self.cert)
+        self.must_staple = must_staple
         self.cert_id = ocsp.cert_id(self.cert, self.issuer, algorithm=policy.hash_algorithm)
         self._request = ocsp.build_request(self.cert, self.issuer, algorithm=policy.hash_algorithm)
         self._session = session
@@ -195,9 +239,11 @@ class ServerOcspResponse:
         self._unwatch: Callable[[], None] | None = None
         self._inflight: asyncio.Task[OcspError | None] | None = None  # the running attempt
         self._closed: asyncio.Future[None] | None = None  # done once close() has finished
-        self._first_outcome: asyncio.Future[None] | None = (
-            asyncio.get_running_loop().create_future()
-        )
+        loop = asyncio.get_running_loop()
+        self._first_outcome: asyncio.Future[None] | None = loop.create_future()
+        # Done once the first attempt holds a fetch slot (or ended without one): the opener's
+        # wait_timeout runs from there, not while the fetch queues behind thousands of others.
+        self._first_slot: asyncio.Future[None] | None = loop.create_future()
 
     # -- the getter: no I/O, no await, no lock ---------------------------------------------
 
@@ -250,8 +296,9 @@ class ServerOcspResponse:
         self._unwatch = self.store.watch(self.cert_id.key, self._on_store_changed)
         self._set_state(HandleState.RUNNING)
         self._task = asyncio.create_task(self._run(), name=f"staple refresher {self.subject}")
-        first = self._first_outcome
-        if wait and self._current is None and first is not None:
+        first, slot = self._first_outcome, self._first_slot
+        if wait and self._current is None and first is not None and slot is not None:
+            await asyncio.wait({first, slot}, return_when=asyncio.FIRST_COMPLETED)
             try:
                 async with asyncio.timeout(self.policy.wait_timeout):
                     await asyncio.shield(first)
@@ -261,7 +308,7 @@ class ServerOcspResponse:
                     self.subject,
                     self.policy.wait_timeout,
                 )
-        self._first_outcome = None  # only the opener waits for it
+        self._first_outcome = self._first_slot = None  # only the opener waits for them
         if self.must_staple and self._current is None:
             log.warning(
                 "%s: must-staple certificate has no valid OCSP response yet (%s)",
@@ -450,8 +497,9 @@ class ServerOcspResponse:
     def _attempt_done(self, attempt: asyncio.Task[OcspError | None]) -> None:
         if self._inflight is attempt:
             self._inflight = None
-        if self._first_outcome is not None and not self._first_outcome.done():
-            self._first_outcome.set_result(None)
+        for first in (self._first_outcome, self._first_slot):
+            if first is not None and not first.done():
+                first.set_result(None)
         if not attempt.cancelled():
             # Mark a stray exception (a bug: _attempt handles every OcspError) as retrieved
             # even if every waiter went away; waiters still see it and _guarded_refresh logs it.
@@ -475,6 +523,8 @@ class ServerOcspResponse:
                     # The timeout starts once a fetch slot is ours: queueing behind other
                     # handles (thousands refreshing at once) is not the responder's slowness.
                     async with self._fetch_slots or contextlib.nullcontext():
+                        if self._first_slot is not None and not self._first_slot.done():
+                            self._first_slot.set_result(None)
                         fetched = await fetch_response(
                             self._session,
                             url,
@@ -493,6 +543,9 @@ class ServerOcspResponse:
                         skew=self.policy.skew,
                         margin=self.policy.margin,
                         current=self._response,
+                        expected=self.cert_id,
+                        subject=self.subject,
+                        issuer_checked=True,  # at open; the pair never changes
                     )
                 except (FetchError, ValidationError) as exc:
                     errors.append(exc)
@@ -574,6 +627,9 @@ class ServerOcspResponse:
                 skew=self.policy.skew,
                 margin=self.policy.margin,
                 current=self._response,
+                expected=self.cert_id,
+                subject=self.subject,
+                issuer_checked=True,
             )
         except Exception as exc:  # never trust the store: anything unreadable is rejected
             if not isinstance(exc, ValidationError):
@@ -679,7 +735,10 @@ async def open_server_ocsp_response(
     no responder to ask.
     """
     certs = load_chain(chain)
-    leaf = certs[0]
+    # What the handle needs of the leaf's names and extensions is read off a throw-away copy:
+    # cryptography keeps every parsed name and extension (~8 KiB) on a certificate once read,
+    # and the handle keeps its leaf for as long as it runs.
+    leaf = x509.load_der_x509_certificate(certs[0].public_bytes(serialization.Encoding.DER))
     subject = ocsp.describe(leaf)
     policy = policy or RefreshPolicy()
     urls = _responder_urls(leaf, responder_urls)
@@ -697,6 +756,8 @@ async def open_server_ocsp_response(
         ocsp.check_issued_by(leaf, certs[1])
         handle = ServerOcspResponse(
             certs,
+            subject=subject,
+            must_staple=must_staple(leaf),
             urls=urls,
             store=store if store is not None else MemoryStore(),
             session=session,

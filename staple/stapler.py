@@ -19,9 +19,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
-from .chain import ChainInput
+from .chain import ChainInput, load_chain
 from .clock import Clock
 from .handle import OnUpdate, ResponderUrls, ServerOcspResponse, open_server_ocsp_response
 from .policy import RefreshPolicy
@@ -86,6 +88,9 @@ class Stapler:
         self._fetch_slots = asyncio.Semaphore(max_concurrent_fetches)
         self.handles: list[ServerOcspResponse] = []
         self._by_serial: dict[int, list[ServerOcspResponse]] = {}
+        # One certificate object per distinct issuer: thousands of chains from files would
+        # otherwise each parse and keep their own copy of the same intermediate.
+        self._issuers: dict[bytes, x509.Certificate] = {}
         self._closed = False
         # Counters for operators and tests.
         self.stapled = 0
@@ -106,8 +111,13 @@ class Stapler:
             raise RuntimeError("Stapler is closed")
         if self._session is None:
             self._session = aiohttp.ClientSession()
+        certs = load_chain(chain)
+        certs[1:] = [
+            self._issuers.setdefault(cert.public_bytes(serialization.Encoding.DER), cert)
+            for cert in certs[1:]
+        ]
         handle = await open_server_ocsp_response(
-            chain,
+            certs,
             wait=wait,
             store=self.store,
             on_update=self._on_update,

@@ -587,3 +587,34 @@ async def test_close_while_refresh_in_flight(leaf, clock, responder) -> None:
     with pytest.raises(staple.ClosedError):
         await refreshing
     assert handle.state is HandleState.CLOSED
+
+
+async def test_wait_timeout_runs_once_a_fetch_slot_is_ours(leaf, clock, responder) -> None:
+    """Queued behind other handles' fetches (all slots taken), the opener keeps waiting past
+    ``wait_timeout``; the timeout counts from when its fetch may start."""
+    slots = asyncio.Semaphore(1)
+    await slots.acquire()  # another handle's fetch holds the only slot
+    policy = replace(POLICY, wait_timeout=0.05)
+    opening = asyncio.create_task(open_handle(leaf, clock, policy=policy, fetch_slots=slots))
+    done, _ = await asyncio.wait({opening}, timeout=0.5)  # ten wait_timeouts in the queue
+    assert not done
+    assert responder.requests == 0
+    slots.release()
+    handle = await asyncio.wait_for(opening, 10)
+    try:
+        ctx = handle.get_context()
+        assert ctx is not None
+        ctx.free()
+    finally:
+        await handle.close()
+
+
+async def test_handle_is_slotted(leaf, clock, responder) -> None:
+    """10,000 handles must stay small: no per-instance dict."""
+    handle = await open_handle(leaf, clock)
+    try:
+        assert not hasattr(handle, "__dict__")
+        with pytest.raises(AttributeError):
+            handle.no_such_attribute = 1  # type: ignore[attr-defined]
+    finally:
+        await handle.close()

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
 import staple
@@ -196,3 +197,16 @@ async def test_install_refuses_stdlib_context(stapler) -> None:
 
     with pytest.raises(TypeError, match="stdlib ssl module cannot staple"):
         stapler.install(ssl.create_default_context())
+
+
+async def test_chains_share_one_issuer_object(stapler, pki, responder) -> None:
+    """Chains read from PEM each parse the intermediate; the Stapler keeps one copy of it."""
+    handles = []
+    for name in ("one.share.test", "two.share.test"):
+        leaf = pki.issue_leaf(name, ocsp_url=responder.url)
+        pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in leaf.chain)
+        handles.append(await stapler.add(pem))
+    one, two = handles
+    assert one.issuer == two.issuer == pki.intermediate.cert
+    assert one.issuer is two.issuer
+    assert one.cert is not two.cert
