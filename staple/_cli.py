@@ -22,14 +22,22 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
 from ._probe import DEFAULT_TIMEOUT, TLSVersion, parse_target, probe
-from ._serve import ServeConfig, Serving, default_cache_dir, serve
+from ._serve import (
+    LOOPS,
+    LoopUnavailable,
+    ServeConfig,
+    Serving,
+    default_cache_dir,
+    loop_factory,
+    serve,
+)
 from .chain import load_chain
 from .errors import ChainError, NoResponderError, OcspError, UnknownStatusError
 from .handle import Event, EventKind, ServerOcspResponse, open_server_ocsp_response
@@ -105,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
         "--responder", metavar="URL", help="ask this OCSP URL instead of each certificate's AIA one"
     )
     serve.add_argument("--static", metavar="DIR", type=Path, help="serve DIR under /static/")
+    serve.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="auto",
+        help="event loop: uvloop if installed, else asyncio's (auto); uvloop needs "
+        "ocsp-staple[uvloop]",
+    )
 
     probe = sub.add_parser(
         "probe",
@@ -145,7 +160,7 @@ _SERVE_EPILOG = """\
 routes:
   /              HTML page with each certificate's staple status
   /status.json   the same as JSON
-  /static/...    files under --static (with an index)
+  /static/...    files under --static (with an index); files up to 64 KiB from memory
 
 exit codes: 0 stopped by SIGINT/SIGTERM, 2 could not start (bad chain/key, no responder,
 port in use). Without --no-cache, a restart staples its first handshake from the cache even
@@ -188,7 +203,21 @@ async def run(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -
 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(asyncio.run(run(argv)))
+    args = _parser().parse_args(argv)  # usage errors exit 2 here, as run() would return
+    with asyncio.Runner(loop_factory=_loop_factory(args)) as runner:
+        code = runner.run(run(argv))
+    sys.exit(code)
+
+
+def _loop_factory(args: argparse.Namespace) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop ``serve --loop`` asks for, which must exist before ``run`` starts; asyncio's
+    for everything else, and when uvloop is asked for but missing (``_serve`` says so)."""
+    if args.command != "serve":
+        return None
+    try:
+        return loop_factory(args.loop)
+    except LoopUnavailable:
+        return None
 
 
 async def _check(args: argparse.Namespace, out: TextIO) -> int:
@@ -267,6 +296,11 @@ async def _serve(args: argparse.Namespace, out: TextIO) -> int:
             "after each --cert",
             file=sys.stderr,
         )
+        return EXIT_USAGE
+    try:
+        loop_factory(args.loop)  # main() has picked the loop; this says why it could not
+    except LoopUnavailable as exc:
+        print(f"staple serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     config = ServeConfig(
         certs=list(zip(args.cert, args.key, strict=True)),

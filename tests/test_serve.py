@@ -10,6 +10,7 @@ serve`` subprocess stopped by a signal. Tests needing an external program are ma
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import io
 import json
@@ -21,17 +22,29 @@ import ssl
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import timedelta
+from email.utils import formatdate
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from cryptography import x509
 
 import staple
-from staple import RefreshPolicy, _cli
+from staple import RefreshPolicy, _cli, _serve
 from staple._probe import probe
-from staple._serve import ServeConfig, Serving, render_page, serve
+from staple._serve import (
+    SMALL_FILE,
+    ServeConfig,
+    Serving,
+    SmallFiles,
+    describe_loop,
+    loop_factory,
+    render_page,
+    serve,
+)
 from staple.testing import Fault, Leaf, OcspResponder, TestPKI
 
 from .external import require
@@ -400,6 +413,363 @@ def test_page_escapes_everything() -> None:
     assert "3 handshake(s) stapled" in page
 
 
+# -- static files from memory ------------------------------------------------------------------
+
+
+STAMP = 1_700_000_000
+
+
+@pytest.fixture
+def static_tree(tmp_path: Path) -> Path:
+    """``static/`` with files either side of SMALL_FILE, a subdirectory, symlinks inside and
+    leading out, a precompressed sibling; and ``secret.txt`` beside it, never to be served."""
+    (tmp_path / "secret.txt").write_bytes(b"SECRET")
+    static = tmp_path / "static"
+    (static / "sub").mkdir(parents=True)
+    contents = {
+        "small.bin": os.urandom(10_000),
+        "edge.bin": os.urandom(SMALL_FILE),
+        "over.bin": os.urandom(SMALL_FILE + 1),
+        "big.bin": os.urandom(1 << 20),
+        "hello.txt": b"hello\n",
+        "empty.txt": b"",
+        "archive.tar.gz": os.urandom(100),
+        "app.js": b"console.log(1)\n",
+        "app.js.gz": gzip.compress(b"console.log(1)\n"),
+        "sub/inner.txt": b"inner\n",
+    }
+    for name, data in contents.items():
+        (static / name).write_bytes(data)
+    os.utime(static / "empty.txt", (STAMP, STAMP))  # a whole second: If-Modified-Since's edge
+    (static / "link.txt").symlink_to("hello.txt")  # inside the root: served, as aiohttp does
+    (static / "escape.txt").symlink_to(tmp_path / "secret.txt")
+    (static / "outside").symlink_to(tmp_path)
+    return static
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: tuple[tuple[str, str], ...]  # sorted, without Date
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+
+async def http(
+    port: int, method: str, target: str, *headers: str, ctx: ssl.SSLContext | None = None
+) -> Reply:
+    """One HTTP/1.1 request written byte for byte (no client normalises ``target``)."""
+    reader, writer = await asyncio.open_connection(
+        HOST, port, ssl=ctx, server_hostname="files.serve.test" if ctx else None
+    )
+    request = [f"{method} {target} HTTP/1.1", "Host: files.serve.test", "Connection: close"]
+    writer.write("\r\n".join([*request, *headers, "", ""]).encode("latin-1"))
+    data = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    fields = (tuple(line.split(": ", 1)) for line in lines)
+    kept = tuple(sorted((k, v) for k, v in fields if k.lower() != "date"))
+    return Reply(int(status_line.split()[1]), kept, body)
+
+
+@asynccontextmanager
+async def aiohttp_static(static: Path) -> AsyncIterator[int]:
+    """aiohttp's own ``add_static`` (all ``staple serve`` had before), over plain HTTP."""
+    app = web.Application()
+    app.router.add_static("/static/", static, show_index=True)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, HOST, 0).start()
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def serving_files(
+    pki: TestPKI, responder: OcspResponder, tmp_path: Path, static: Path
+) -> AsyncIterator[tuple[Serving, SmallFiles, ssl.SSLContext]]:
+    leaf = pki.issue_leaf("files.serve.test", ocsp_url=responder.url)
+    ctx = ssl.create_default_context()
+    pki.configure_trust(ctx)
+    async with running(config_for(tmp_path, files(tmp_path, leaf, "leaf"), static=static)) as s:
+        assert s.files is not None
+        yield s, s.files, ctx
+
+
+async def test_static_answers_as_aiohttp_does(pki, responder, tmp_path, static_tree) -> None:
+    """Request for request: the status, headers (but Date) and bytes of aiohttp's own static
+    route, small files answered from memory, everything else left to FileResponse."""
+    hello = (static_tree / "hello.txt").stat()
+    etag = f'"{hello.st_mtime_ns:x}-{hello.st_size:x}"'
+    later = formatdate(hello.st_mtime + 3600, usegmt=True)
+    earlier = formatdate(hello.st_mtime - 3600, usegmt=True)
+    stamp, stamp_1 = formatdate(STAMP, usegmt=True), formatdate(STAMP - 1, usegmt=True)
+    inm_wins = ('If-None-Match: "x"', f"If-Modified-Since: {later}")  # IMS then ignored
+    # method, target, request headers, expected status, answered from memory
+    cases: list[tuple[str, str, tuple[str, ...], int, bool]] = [
+        ("GET", "/static/small.bin", (), 200, True),
+        ("HEAD", "/static/small.bin", (), 200, True),
+        ("GET", "/static/edge.bin", (), 200, True),  # exactly SMALL_FILE
+        ("GET", "/static/over.bin", (), 200, False),
+        ("GET", "/static/big.bin", (), 200, False),
+        ("HEAD", "/static/big.bin", (), 200, False),
+        ("GET", "/static/empty.txt", (), 200, True),
+        ("GET", "/static/archive.tar.gz", (), 200, True),
+        ("GET", "/static/sub/inner.txt", (), 200, True),
+        ("GET", "/static/sub/../hello.txt", (), 200, True),
+        ("GET", "/static/link.txt", (), 200, True),
+        ("GET", "/static/outside/static/hello.txt", (), 200, True),  # out and back in
+        ("GET", "/static/hello.txt", (f"If-None-Match: {etag}",), 304, True),
+        ("HEAD", "/static/hello.txt", (f"If-None-Match: {etag}",), 304, True),
+        ("GET", "/static/hello.txt", (f"If-None-Match: W/{etag}",), 304, True),
+        ("GET", "/static/hello.txt", ('If-None-Match: "x", ' + etag,), 304, True),
+        ("GET", "/static/hello.txt", ("If-None-Match: *",), 304, True),
+        ("GET", "/static/hello.txt", ('If-None-Match: "x"',), 200, True),
+        ("GET", "/static/hello.txt", inm_wins, 200, True),
+        ("GET", "/static/hello.txt", (f"If-Modified-Since: {later}",), 304, True),
+        ("GET", "/static/hello.txt", (f"If-Modified-Since: {earlier}",), 200, True),
+        ("GET", "/static/hello.txt", ("If-Modified-Since: garbage",), 200, True),
+        ("GET", "/static/empty.txt", (f"If-Modified-Since: {stamp}",), 304, True),
+        ("GET", "/static/empty.txt", (f"If-Modified-Since: {stamp_1}",), 200, True),
+        ("GET", "/static/hello.txt", ("Range: bytes=1-3",), 206, False),
+        ("GET", "/static/hello.txt", ("Range: bytes=-2",), 206, False),
+        ("GET", "/static/hello.txt", ("Range: bytes=100-",), 416, False),
+        ("GET", "/static/hello.txt", ('If-Match: "x"',), 412, False),
+        ("GET", "/static/hello.txt", (f"If-Unmodified-Since: {earlier}",), 412, False),
+        ("GET", "/static/app.js", (), 200, True),
+        ("GET", "/static/app.js", ("Accept-Encoding: gzip, br",), 200, False),  # app.js.gz
+        ("GET", "/static/", (), 200, False),
+        ("GET", "/static/sub/", (), 200, False),
+        ("HEAD", "/static/sub", (), 200, False),
+        ("GET", "/static/missing.txt", (), 404, False),
+        ("POST", "/static/small.bin", (), 405, False),
+    ]  # fmt: skip
+    async with (
+        serving_files(pki, responder, tmp_path, static_tree) as (serving, memory, ctx),
+        aiohttp_static(static_tree) as plain,
+    ):
+        for method, target, headers, status, from_memory in cases:
+            before = memory.served
+            ours = await http(serving.port, method, target, *headers, ctx=ctx)
+            theirs = await http(plain, method, target, *headers)
+            assert ours == theirs, (method, target, headers)
+            assert ours.status == status, (method, target, headers)
+            assert memory.served - before == from_memory, (method, target, headers)
+        # Spot checks that the comparison compares something.
+        small = await http(serving.port, "GET", "/static/small.bin", ctx=ctx)
+        assert small.body == (static_tree / "small.bin").read_bytes()
+        assert small.header("Content-Length") == "10000"
+        assert small.header("ETag") is not None and small.header("Last-Modified") is not None
+        assert (await http(serving.port, "HEAD", "/static/small.bin", ctx=ctx)).body == b""
+        index = await http(serving.port, "GET", "/static/", ctx=ctx)
+        assert b'<a href="/static/sub">sub/</a>' in index.body
+        gz = await http(serving.port, "GET", "/static/app.js", "Accept-Encoding: gzip", ctx=ctx)
+        assert gz.header("Content-Encoding") == "gzip"
+
+
+async def test_static_traversal_is_refused(pki, responder, tmp_path, static_tree) -> None:
+    """``..`` plain or encoded, absolute paths, NUL, symlinks leading out: 404, as aiohttp's
+    static route answers; the file beside the root is never sent, nor anything kept."""
+    targets = [
+        "/static/../secret.txt",
+        "/static/%2e%2e/secret.txt",
+        "/static/%2E%2E/secret.txt",
+        "/static/..%2fsecret.txt",
+        "/static/sub/..%2F..%2Fsecret.txt",
+        "/static/sub/%2e%2e/%2e%2e/secret.txt",
+        "/static/%2F..%2Fsecret.txt",
+        "/static//etc/passwd",
+        f"/static/{tmp_path / 'secret.txt'}",
+        "/static/escape.txt",
+        "/static/outside/secret.txt",
+        "/static/hello.txt%00",
+        "/static/hello.txt%00.png",
+    ]
+    async with (
+        serving_files(pki, responder, tmp_path, static_tree) as (serving, memory, ctx),
+        aiohttp_static(static_tree) as plain,
+    ):
+        for target in targets:
+            for method in ("GET", "HEAD"):
+                ours = await http(serving.port, method, target, ctx=ctx)
+                assert ours.status in (403, 404), (method, target, ours)
+                assert b"SECRET" not in ours.body
+                assert ours == await http(plain, method, target), (method, target)
+        assert memory.served == 0 and len(memory) == 0
+
+
+async def test_an_edit_is_served_at_once(pki, responder, tmp_path, static_tree) -> None:
+    """A file just written is served from memory but not kept (its timestamps may not have
+    ticked yet), so even a same-size rewrite right after a request is seen."""
+    path = static_tree / "hello.txt"
+    async with serving_files(pki, responder, tmp_path, static_tree) as (serving, memory, ctx):
+        for content in (b"first\n", b"again\n", b"AGAIN\n", b"longer now\n", b""):
+            path.write_bytes(content)
+            assert (await http(serving.port, "GET", "/static/hello.txt", ctx=ctx)).body == content
+        assert memory.served == 5 and len(memory) == 0
+
+
+async def test_kept_files_are_checked_on_every_request(
+    pki, responder, tmp_path, static_tree, monkeypatch
+) -> None:
+    """Once kept, a file is served only while ``os.stat`` says it is the same file: a new size,
+    a new mtime, a new inode (rename over it) or its removal are seen by the next request; a
+    path later turned into a symlink leading out is refused."""
+    monkeypatch.setattr(_serve, "SETTLED_NS", 0)  # keep every file at once, however fresh
+    path = static_tree / "hello.txt"
+
+    async with serving_files(pki, responder, tmp_path, static_tree) as (serving, memory, ctx):
+
+        async def get() -> Reply:
+            return await http(serving.port, "GET", "/static/hello.txt", ctx=ctx)
+
+        assert (await get()).body == b"hello\n"
+        assert (await get()).body == b"hello\n"
+        assert (len(memory), memory.size, memory.served) == (1, 6, 2)
+
+        path.write_bytes(b"hello, world\n")  # a new size
+        assert (await get()).body == b"hello, world\n"
+        mtime = path.stat().st_mtime_ns
+        path.write_bytes(b"HELLO, WORLD\n")  # same size; a tick may not have passed: set one
+        os.utime(path, ns=(mtime + 1_000_000, mtime + 1_000_000))
+        assert (await get()).body == b"HELLO, WORLD\n"
+        st = path.stat()
+        replacement = static_tree / "hello.new"
+        replacement.write_bytes(b"howdy, world\n")  # same size and mtime, another inode
+        os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(replacement, path)
+        reply = await get()
+        assert reply.body == b"howdy, world\n"
+        assert reply.header("ETag") == f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+        assert (len(memory), memory.size) == (1, 13)
+
+        path.unlink()
+        assert (await get()).status == 404
+        assert (len(memory), memory.size) == (0, 0)
+
+        path.write_bytes(b"back\n")
+        assert (await get()).body == b"back\n"
+        assert len(memory) == 1
+        path.unlink()
+        path.symlink_to(tmp_path / "secret.txt")
+        reply = await get()
+        assert reply.status == 404 and b"SECRET" not in reply.body
+        assert len(memory) == 0
+
+
+def test_small_files_stay_within_budget(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(_serve, "SETTLED_NS", 0)
+    for name in "abc":
+        (tmp_path / name).write_bytes(name.encode() * 10)
+    (tmp_path / "eleven").write_bytes(b"x" * 11)
+    (tmp_path / "dir").mkdir()
+    memory = SmallFiles(tmp_path, max_size=10, budget=25)
+    a, b = memory.get("a"), memory.get("b")
+    assert a is not None and b is not None and a.body == b"a" * 10
+    assert (len(memory), memory.size) == (2, 20)
+    assert memory.get("a") is a  # kept: not read again
+    c = memory.get("c")  # over budget: b, the least recently served, goes
+    assert (len(memory), memory.size) == (2, 20)
+    assert memory.get("a") is a and memory.get("c") is c
+    b_again = memory.get("b")  # read again; a goes now
+    assert b_again is not None and b_again is not b and b_again.body == b"b" * 10
+    assert memory.get("c") is c and memory.get("a") is not a
+    for name in ("eleven", "dir", "missing", "", "../" + tmp_path.name + "/eleven"):
+        assert memory.get(name) is None, name
+    assert (len(memory), memory.size) == (2, 20)
+
+
+# -- event loops -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("loop", "expected"), [("asyncio", "asyncio"), ("uvloop", "uvloop"), ("auto", "uvloop")]
+)
+async def test_subprocess_on_each_loop(
+    pki, responder, tmp_path, static_tree, loop, expected
+) -> None:
+    """``python -m staple serve --loop ...``: says which loop it runs on, staples, and serves
+    small (from memory) and large (FileResponse; uvloop has no loop.sendfile) files whole."""
+    if expected == "uvloop":
+        pytest.importorskip("uvloop")
+    leaf = pki.issue_leaf("files.serve.test", ocsp_url=responder.url)
+    chain, key = files(tmp_path, leaf, "leaf")
+    ctx = ssl.create_default_context()
+    pki.configure_trust(ctx)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "staple", "serve", "--cert", str(chain), "--key", str(key),
+        "--port", "0", "--cache-dir", str(tmp_path / "cache"), "--static", str(static_tree),
+        "--loop", loop,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        first = await asyncio.wait_for(proc.stdout.readline(), 30)
+        match = re.fullmatch(rb"listening on https://127\.0\.0\.1:(\d+)\n", first)
+        assert match, first
+        port = int(match.group(1))
+        described = (await asyncio.wait_for(proc.stdout.readline(), 5)).decode()
+        assert described.startswith(f"event loop: {expected}"), described
+        status = await asyncio.wait_for(proc.stdout.readline(), 5)
+        assert b"[files.serve.test]: stapling good" in status
+        result = await probe(HOST, port, servername="files.serve.test")
+        assert result.code == 0, result.lines()
+        for name in ("small.bin", "edge.bin", "over.bin", "big.bin"):
+            reply = await http(port, "GET", f"/static/{name}", ctx=ctx)
+            assert reply.status == 200
+            assert reply.body == (static_tree / name).read_bytes(), name
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err
+
+
+async def test_loop_uvloop_when_it_cannot_be_imported(pki, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` raises ImportError
+    assert loop_factory("asyncio") is None
+    assert loop_factory("auto") is None  # auto: asyncio's loop, quietly
+    assert describe_loop(asyncio.get_running_loop()) == "asyncio (uvloop is not installed)"
+    chain, key = files(tmp_path, pki.issue_leaf("noloop.serve.test"), "leaf")
+    argv = ["serve", "--loop", "uvloop", "--cert", str(chain), "--key", str(key), "--port", "0"]
+    assert await _cli.run(argv, out=io.StringIO()) == 2
+    err = capsys.readouterr().err
+    assert "staple serve: --loop uvloop: uvloop cannot be imported" in err
+    assert "pip install 'ocsp-staple[uvloop]'" in err
+
+
+def test_main_without_uvloop_exits_2(tmp_path, monkeypatch, capsys) -> None:
+    """``main`` picks the loop before running; missing uvloop falls through to the message."""
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    argv = ["serve", "--loop", "uvloop", "--cert", "c.pem", "--key", "k.pem"]
+    with pytest.raises(SystemExit) as exited:
+        _cli.main(argv)
+    assert exited.value.code == 2
+    assert "uvloop cannot be imported" in capsys.readouterr().err
+
+
+def test_loop_factory_with_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    loop = uvloop.new_event_loop()
+    try:
+        assert loop_factory("uvloop") is uvloop.new_event_loop
+        assert loop_factory("auto") is uvloop.new_event_loop
+        assert describe_loop(loop) == f"uvloop {uvloop.__version__}"
+    finally:
+        loop.close()
+
+
 # -- the command, in-process and as a subprocess -------------------------------------------
 
 
@@ -419,10 +789,11 @@ async def test_status_lines_and_port_zero(pki, responder, tmp_path) -> None:
         assert " fetched: " in out.getvalue().splitlines()[-1]
     lines = out.getvalue().splitlines()
     assert lines[0] == f"listening on https://{HOST}:{serving.port}"
-    assert "[one.serve.test]: stapling good, nextUpdate " in lines[1]
-    assert "next refresh" in lines[1]
-    assert "[two.serve.test]: NO STAPLE: " in lines[2]
-    assert "does not know the certificate" in lines[2]
+    assert lines[1] == "event loop: asyncio"  # the test's own loop
+    assert "[one.serve.test]: stapling good, nextUpdate " in lines[2]
+    assert "next refresh" in lines[2]
+    assert "[two.serve.test]: NO STAPLE: " in lines[3]
+    assert "does not know the certificate" in lines[3]
 
 
 async def test_start_failures_exit_2(pki, responder, tmp_path, capsys) -> None:
@@ -476,6 +847,7 @@ async def test_subprocess_until_signal(pki, responder, tmp_path, sig) -> None:
         first = await asyncio.wait_for(proc.stdout.readline(), 30)
         match = re.fullmatch(rb"listening on https://127\.0\.0\.1:(\d+)\n", first)
         assert match, first
+        assert (await asyncio.wait_for(proc.stdout.readline(), 5)).startswith(b"event loop: ")
         status = await asyncio.wait_for(proc.stdout.readline(), 5)
         assert b"[proc.serve.test]: stapling good" in status
         result = await probe(HOST, int(match.group(1)), servername="proc.serve.test")
