@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 
 from .ocsp import CertStatus, VerifiedResponse
+from .trim import stapled_der
 
 if TYPE_CHECKING:
     from .handle import ServerOcspResponse
@@ -35,13 +36,14 @@ class OcspResponseContext:
     __slots__ = ("__weakref__", "_current", "_owner", "_refs", "_response", "_stop_at", "encoded")
 
     encoded: bytes
-    """The DER bytes to staple."""
+    """The DER bytes to staple: the response without the certificates the client does not need
+    (:func:`staple.trim.stapled_der`)."""
 
     def __init__(
         self, response: VerifiedResponse, owner: ServerOcspResponse, stop_at: float
     ) -> None:
         self._response = response
-        self.encoded = response.der
+        self.encoded = stapled_der(response)
         self._owner = owner
         self._stop_at = stop_at  # epoch seconds: past it get_context() no longer hands it out
         self._refs = 0

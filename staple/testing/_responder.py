@@ -212,7 +212,10 @@ class OcspResponder:
     backdate`` for ``validity``. ``signer`` is ``"issuer"`` (the CA's own key, responder ID by
     name), ``"delegated"`` (the CA's :attr:`~staple.testing.CA.responder` certificate,
     responder ID by key hash, certificate embedded) or any :class:`~staple.testing.Leaf` to
-    sign delegated-style with it. With ``max_age``, responses carry RFC 5019 caching headers.
+    sign delegated-style with it. ``extra_certs`` are embedded in every signed response, after
+    a delegated signer's own certificate, the way some CAs embed their own certificate or the
+    root's: harmless, and of no use to a client. With ``max_age``, responses carry RFC 5019
+    caching headers.
 
     Use it as ``async with OcspResponder(pki) as responder:``, or call :meth:`start` and
     :meth:`close`. :meth:`response_for` builds a response without any HTTP.
@@ -226,6 +229,7 @@ class OcspResponder:
         validity: timedelta = timedelta(hours=24),
         backdate: timedelta = timedelta(minutes=1),
         signer: Literal["issuer", "delegated"] | Leaf = "issuer",
+        extra_certs: Sequence[x509.Certificate] = (),
         max_age: int | None = None,
         slow_seconds: float = 30.0,
         host: str = "127.0.0.1",
@@ -244,6 +248,8 @@ class OcspResponder:
         """How far before now thisUpdate is set."""
         self.signer = signer
         """``"issuer"``, ``"delegated"`` or the :class:`~staple.testing.Leaf` that signs."""
+        self.extra_certs: list[x509.Certificate] = list(extra_certs)
+        """Certificates embedded in every signed response besides a delegated signer's."""
         self.max_age = max_age
         """The ``Cache-Control: max-age`` to send, or ``None`` for no caching headers."""
         self.slow_seconds = slow_seconds
@@ -542,6 +548,7 @@ class OcspResponder:
         else:
             key, signer_cert = ca.key, ca.cert
             encoding = ocsp.OCSPResponderEncoding.NAME
+        certs += self.extra_certs
 
         singles: list[bytes] = []
         statuses: list[str] = []
