@@ -72,9 +72,15 @@ The TCP side is an ``asyncio.BufferedProtocol`` reading into one receive buffer 
 connections of a thread (it is copied into the BIO before the callback returns), so an idle
 connection costs no receive buffer.
 
-Renegotiation is refused: ``OP_NO_RENEGOTIATION`` is set on every connection, and in TLS 1.2 a
-ClientHello after the handshake is fatal. TLS 1.3 has no renegotiation; OpenSSL itself fails a
-late ClientHello there.
+Renegotiation is refused: ``OP_NO_RENEGOTIATION`` is set on every connection, so OpenSSL answers
+a TLS 1.2 ClientHello after the handshake with a no_renegotiation warning alert, and we then close
+the connection. We see that alert where it leaves: an alert record leading a flush in ``WRAPPED``
+is that refusal and nothing else (``_refuse_renegotiation``), one comparison on flushes that
+carry bytes and nothing per connection. The close is best effort where the alert does not lead:
+a ClientHello in the same TCP read as the client's Finished (our last flight, or what the app
+wrote from ``connection_made``, leads), or behind data that a ``BufferedProtocol`` app, its
+buffer full, answered before the ClientHello was read. Such a peer is still refused, only not
+disconnected. TLS 1.3 has no renegotiation; OpenSSL itself fails a late ClientHello there.
 
 The OCSP stapler's hook
 -----------------------
@@ -128,6 +134,9 @@ _RECEIVE_BUFFER_SIZE: Final = 256 * 1024
 _LOG_THRESHOLD_FOR_CONNLOST_WRITES: Final = _asyncio_constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES
 
 _OP_NO_RENEGOTIATION: Final[int] = getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+# A TLS record's first byte is its content type; 21 is an alert. In TLS 1.3 every record after
+# the handshake says 23 (application data), whatever it carries.
+_ALERT_RECORD: Final = 21
 
 
 class TLSState(enum.Enum):
@@ -166,8 +175,8 @@ _APP_TRANSITIONS: Final[Mapping[AppState, frozenset[AppState]]] = {
 
 _APP_CONNECTED: Final = frozenset({AppState.CON_MADE, AppState.EOF})
 
-# Live protocols by id() of their SSL.Connection, for call_when_closed() and the TLS 1.2
-# renegotiation detector. Weak values: an entry never keeps a connection alive.
+# Live protocols by id() of their SSL.Connection, for call_when_closed(). Weak values: an entry
+# never keeps a connection alive.
 _live: weakref.WeakValueDictionary[int, TLSServerProtocol] = weakref.WeakValueDictionary()
 
 _thread_local = threading.local()
@@ -196,18 +205,6 @@ def _check_context(ssl_context: object) -> SSL.Context:
             f"not the ssl module); got {type(ssl_context).__name__}"
         )
     return ssl_context
-
-
-def _on_info(conn: SSL.Connection, where: int, ret: int) -> None:
-    """Info callback, installed on TLS 1.2 connections once their handshake is done.
-
-    A handshake starting after that is the peer trying to renegotiate. ``OP_NO_RENEGOTIATION``
-    already makes OpenSSL refuse it (no_renegotiation alert); we also close the connection.
-    """
-    if where & SSL.SSL_CB_HANDSHAKE_START:
-        protocol = _live.get(id(conn))
-        if protocol is not None and protocol._ssl is conn:
-            protocol._renegotiation_attempted = True
 
 
 def call_when_closed(conn: SSL.Connection, callback: Callable[[], None]) -> bool:
@@ -406,7 +403,6 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
         self._handshake_start_time = 0.0
         self._close_callbacks: list[Callable[[], None]] | None = None
         self._released = False
-        self._renegotiation_attempted = False
         self._close_notify_sent = False
         self._peer_eof = False  # TCP EOF seen while the app had paused reading
         self._close_exc: BaseException | None = None  # given to the app's connection_lost()
@@ -640,9 +636,6 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
             self._fatal_error(handshake_exc, "TLS handshake failed")
             return
         self._set_state(TLSState.WRAPPED)
-        ssl = self._ssl
-        if ssl.get_protocol_version() < SSL.TLS1_3_VERSION:
-            ssl.set_info_callback(_on_info)  # flags a ClientHello after the handshake
         if self._loop.get_debug():
             dt = self._loop.time() - self._handshake_start_time
             logger.debug("%r: TLS handshake took %.1f ms", self, dt * 1e3)
@@ -675,12 +668,7 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
         except Exception as exc:
             self._fatal_error(exc, "application protocol failed to receive data")
             return
-        if self._renegotiation_attempted:
-            self._fatal_error(
-                SSL.Error("the peer attempted TLS renegotiation, which is refused"),
-                "TLS renegotiation refused",
-            )
-        elif eof and self._state is TLSState.WRAPPED:
+        if eof and self._state is TLSState.WRAPPED:
             self._call_eof_received()
             self._start_shutdown()
 
@@ -867,7 +855,11 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
     # -- outgoing flow
 
     def _process_outgoing(self) -> None:
-        """Drain the outgoing BIO to TCP: 68 KiB reads, each written as it is read."""
+        """Drain the outgoing BIO to TCP: 68 KiB reads, each written as it is read.
+
+        Also where a TLS 1.2 renegotiation attempt shows, at the cost of one comparison on a
+        flush that has bytes (see ``_refuse_renegotiation``).
+        """
         self._unflushed = 0
         if self._tcp_closing:
             return
@@ -875,14 +867,52 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
         if transport is None:
             return
         bio_read = self._ssl.bio_read
+        try:
+            data = bio_read(_BIO_READ)
+        except SSL.WantReadError:
+            return  # empty
+        # Every flush empties the BIO and OpenSSL writes whole records, so this starts a record.
+        if (
+            data[0] == _ALERT_RECORD
+            and self._state is TLSState.WRAPPED
+            and self._ssl.get_protocol_version() < SSL.TLS1_3_VERSION
+        ):
+            transport.write(data)  # the refusal goes out first
+            self._refuse_renegotiation()
+            return
         while True:
-            try:
-                data = bio_read(_BIO_READ)
-            except SSL.WantReadError:
-                return  # empty
             transport.write(data)
             if len(data) < _BIO_READ:
                 return  # a short read from a memory BIO means it is empty
+            try:
+                data = bio_read(_BIO_READ)
+            except SSL.WantReadError:
+                return
+
+    def _refuse_renegotiation(self) -> None:
+        """An alert led a flush in WRAPPED, TLS 1.2: OpenSSL refused a renegotiation. Close.
+
+        ``OP_NO_RENEGOTIATION`` makes OpenSSL answer a ClientHello after the handshake with a
+        no_renegotiation warning alert and carry on; closing the connection is our addition
+        (the peer is misbehaving, or expects a handshake it will not get). Seen here rather
+        than by an info callback, which pyOpenSSL allocates per connection and OpenSSL calls
+        on every state change: that cost tens of µs per TLS 1.2 handshake.
+
+        Why an alert leading a flush means exactly that: in TLS 1.2 after the handshake, the
+        no_renegotiation warning is the only record OpenSSL writes of its own accord without
+        failing (OpenSSL 3.x/4.x ``ssl3_read_bytes``: other warning alerts get no answer; a
+        peer's close_notify gets ours only from ``shutdown()``, in SHUTDOWN; anything else is
+        fatal, and a fatal error has set CLOSED before its alert is flushed; heartbeats are
+        gone since OpenSSL 3.0; KeyUpdate is TLS 1.3, whose records all say application data
+        anyway). A flush starts with what OpenSSL wrote in the event's ``recv`` loop, which
+        runs before the application is handed the data; the handshake's last flight starts
+        with a handshake or ChangeCipherSpec record; the application's records are
+        application data.
+        """
+        self._fatal_error(
+            SSL.Error("the peer attempted TLS renegotiation, which is refused"),
+            "TLS renegotiation refused",
+        )
 
     def _write_appdata(self, data: bytes | bytearray | memoryview) -> None:
         if self._state is not TLSState.WRAPPED:
@@ -900,12 +930,12 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
                 sendall(view)
                 self._unflushed += size
             else:
-                if self._unflushed:
-                    self._process_outgoing()
                 mv = memoryview(view)
                 for start in range(0, size, _WRITE_CHUNK):
-                    if start:
+                    if start or self._unflushed:
                         self._process_outgoing()
+                        if self._tcp_closing:
+                            return  # closed under us (a renegotiation attempt, an abort)
                     chunk = mv[start : start + _WRITE_CHUNK]
                     sendall(chunk)
                     self._unflushed = len(chunk)

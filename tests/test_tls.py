@@ -1095,7 +1095,8 @@ def test_application_data_with_the_clients_finished(run: Run, pki: PKI) -> None:
     run(main())
 
 
-def test_renegotiation_is_refused(run: Run, pki: PKI) -> None:
+@pytest.mark.parametrize("behind_data", [False, True], ids=["alone", "behind_data"])
+def test_renegotiation_is_refused(run: Run, pki: PKI, behind_data: bool) -> None:
     async def main() -> None:
         apps, factory = collecting(App)
         async with serving(factory, server_context(pki)) as port:
@@ -1105,6 +1106,8 @@ def test_renegotiation_is_refused(run: Run, pki: PKI) -> None:
             await client.handshake()
             client.send(b"before")
             assert await client.recv_exactly(6) == b"before"  # TLS 1.2 traffic is fine
+            if behind_data:  # echoed in the same event: the server's flush has both
+                client.conn.sendall(b"ping")
             assert client.conn.renegotiate()
             with contextlib.suppress(SSL.WantReadError):
                 client.conn.do_handshake()
@@ -1112,11 +1115,55 @@ def test_renegotiation_is_refused(run: Run, pki: PKI) -> None:
             exc = await apps[0].lost
             assert isinstance(exc, SSL.Error)
             assert "renegotiation" in str(exc)
+            assert bytes(apps[0].data) == (b"beforeping" if behind_data else b"before")
             with pytest.raises((SSL.Error, ConnectionError)):
                 await client.recv()
             client.writer.close()
 
     run(main())
+
+
+class Greeter(App):
+    """Echoes, after a greeting written from connection_made (in TLS 1.2 it leaves in the same
+    flush as the handshake's last flight)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport.write(b"hello\n")
+
+
+@pytest.mark.parametrize("app", [Greeter, BufferedEcho])
+def test_tls12_traffic_is_not_mistaken_for_renegotiation(
+    run: Run, pki: PKI, app: Callable[[], Greeter | BufferedEcho]
+) -> None:
+    """The TLS 1.2 renegotiation guard takes an alert leading a flush for OpenSSL refusing a
+    renegotiation. Nothing else may look like one: the handshake's last flight, echoes of every
+    size (one record, many, more than a flush), writes outside any event, the close_notify
+    exchange."""
+    sizes = [1, 5, 16384, 16385, 65536, 65537, 300_000, 3 * 1024 * 1024]
+
+    async def main() -> None:
+        apps, factory = collecting(app)
+        async with serving(factory, server_context(pki)) as port:
+            reader, writer = await stdlib_connect(
+                port, client_context(pki, max_version=ssl.TLSVersion.TLSv1_2)
+            )
+            assert writer.get_extra_info("ssl_object").version() == "TLSv1.2"
+            if app is Greeter:
+                assert await reader.readexactly(6) == b"hello\n"
+            for seed, size in enumerate(sizes):
+                message = payload(size, seed)
+                writer.write(message)
+                assert await reader.readexactly(size) == message
+            transport = apps[0].transport
+            transport.write(payload(200_000, seed=100))  # outside any event: flushed at once
+            transport.writelines([b"a", payload(100_000, seed=101), b"b"])
+            assert await reader.readexactly(200_000) == payload(200_000, seed=100)
+            assert await reader.readexactly(100_002) == b"a" + payload(100_000, seed=101) + b"b"
+            await stdlib_close(writer)  # close_notify, answered by the server's
+            assert await apps[0].lost is None
+
+    run(main(), timeout=60)
 
 
 def test_application_errors_reach_the_exception_handler(run: Run, pki: PKI) -> None:
@@ -1429,5 +1476,80 @@ def test_s_client_alpn_and_staple(run_asyncio: Run, pki: PKI) -> None:
                 assert "OCSP Response Status: successful" in out
             else:  # the broken pair
                 assert "OCSP response: no response sent" in out
+
+    run_asyncio(main())
+
+
+@pytest.mark.external
+def test_tls13_key_update_is_not_renegotiation(run_asyncio: Run, pki: PKI) -> None:
+    """A TLS 1.3 KeyUpdate asking for ours is no renegotiation attempt: the connection goes on,
+    and our KeyUpdate leaves (OpenSSL 4 sends it with our next write; pyOpenSSL cannot send a
+    KeyUpdate, ``openssl s_client`` does on a line ``K``, with its next line's data)."""
+    openssl = _openssl()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        connected: asyncio.Future[App] = loop.create_future()
+
+        def factory() -> App:
+            app = App(echo=False)
+            connected.set_result(app)
+            return app
+
+        async with serving(factory, server_context(pki)) as port:
+            process = await asyncio.create_subprocess_exec(
+                openssl,
+                "s_client",
+                "-connect",
+                f"{HOST}:{port}",
+                "-servername",
+                "localhost",
+                "-CAfile",
+                str(pki.ca_path),
+                "-verify_return_error",
+                "-tls1_3",
+                "-msg",  # shows the KeyUpdate messages
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            assert process.stdin is not None
+            assert process.stdout is not None
+            stdin, stdout = process.stdin, process.stdout
+            seen = b""
+
+            async def wait_for_line(predicate: Callable[[bytes], bool]) -> None:
+                """Consume s_client's output up to and including a line that matches."""
+                nonlocal seen
+                while True:
+                    while b"\n" in seen:
+                        line, seen = seen.split(b"\n", 1)
+                        if predicate(line):
+                            return
+                    data = await stdout.read(4096)
+                    assert data, "s_client exited early"
+                    seen += data
+
+            try:
+                app = await connected
+                transport = await app.made
+                transport.write(b"ready\n")
+                await wait_for_line(lambda line: line == b"ready")  # s_client reads stdin now
+                stdin.write(b"K\n")  # a KeyUpdate, update_requested
+                await wait_for_line(lambda line: line == b"KEYUPDATE")
+                stdin.write(b"with-the-key-update\n")  # the KeyUpdate leaves with this line
+                await app.got_data
+                transport.write(b"still-here\n")
+                await wait_for_line(lambda line: line.startswith(b"<<<") and b"KeyUpdate" in line)
+                await wait_for_line(lambda line: line == b"still-here")
+                stdin.close()  # s_client sends close_notify and exits
+                await process.communicate()
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+            assert await app.lost is None
+            assert bytes(app.data) == b"with-the-key-update\n"
+            assert app.events[-2:] == ["eof", "lost"]
 
     run_asyncio(main())
