@@ -161,17 +161,18 @@ class ServerOcspResponse:
         "_live_contexts",
         "_on_update",
         "_owns_session",
+        "_poked",
         "_rejected_der",
         "_request",
         "_response",
         "_scheduled_at",
         "_session",
+        "_sleeping",
         "_state",
         "_store_changed",
         "_task",
         "_time",
         "_unwatch",
-        "_wake",
         "cert",
         "cert_id",
         "chain",
@@ -234,7 +235,8 @@ class ServerOcspResponse:
 
         self._task: asyncio.Task[None] | None = None
         # Small per-handle state: 10,000 handles must stay cheap, so no lock/event objects.
-        self._wake: asyncio.Future[None] | None = None  # set while the refresher sleeps
+        self._sleeping = False  # the refresher is in _sleep: a poke cancels that sleep
+        self._poked = False  # a poke's cancellation is on its way to the refresher
         self._store_changed = False  # a shared store told us another server stored a response
         self._unwatch: Callable[[], None] | None = None
         self._inflight: asyncio.Task[OcspError | None] | None = None  # the running attempt
@@ -328,8 +330,9 @@ class ServerOcspResponse:
 
     def _poke(self) -> None:
         """Wake the refresher so it looks at its state again."""
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+        if self._sleeping and not self._poked and self._task is not None:
+            self._poked = True
+            self._task.cancel()  # taken back in _sleep: only the sleep ends
 
     def _on_store_changed(self) -> None:
         self._store_changed = True
@@ -421,19 +424,24 @@ class ServerOcspResponse:
         return wake
 
     async def _sleep(self, deadline: float) -> None:
-        """Sleep on the clock until ``deadline``, or until :meth:`refresh` pokes us."""
+        """Sleep on the clock until ``deadline``, or until :meth:`_poke` wakes us.
+
+        The sleep runs in the refresher's own task, and a poke cancels it, taken back here with
+        ``uncancel()`` as :func:`asyncio.timeout` does: no second task and no wait set per
+        sleep, which is most of what a sleeping handle weighs.
+        """
         if self._store_changed:  # a notice came while we were busy: act on it first
             return
-        loop = asyncio.get_running_loop()
-        self._wake = wake = loop.create_future()
-        sleeper = loop.create_task(self._clock.sleep_until(deadline))
+        self._sleeping = True
         try:
-            await asyncio.wait({sleeper, wake}, return_when=asyncio.FIRST_COMPLETED)
+            await self._clock.sleep_until(deadline)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._poked or task is None or task.uncancel() > 0:
+                raise  # close(), or a cancellation from outside on top of the poke
         finally:
-            self._wake = None
-            wake.cancel()
-            sleeper.cancel()
-            await asyncio.wait({sleeper})
+            self._sleeping = False
+            self._poked = False
 
     async def _check_expiry(self) -> None:
         """Retire the held response at its stop moment and say so, once per expiry."""

@@ -86,6 +86,11 @@ class Stapler:
         if max_concurrent_fetches < 1:
             raise ValueError("max_concurrent_fetches must be at least 1")
         self._fetch_slots = asyncio.Semaphore(max_concurrent_fetches)
+        # Opens in progress at once. 10,000 add()s gathered at start-up would otherwise all
+        # parse, open and wait in lockstep: their short-lived objects, interleaved with the
+        # handles' long-lived ones, leave the allocator's pools fragmented (3x the memory the
+        # handles need). Waiting here costs a coroutine frame.
+        self._open_slots = asyncio.Semaphore(max_concurrent_fetches)
         self.handles: list[ServerOcspResponse] = []
         self._by_serial: dict[int, list[ServerOcspResponse]] = {}
         # One certificate object per distinct issuer: thousands of chains from files would
@@ -107,6 +112,14 @@ class Stapler:
         wait: bool = True,
     ) -> ServerOcspResponse:
         """Open a handle for ``chain`` (see :func:`staple.open_server_ocsp_response`)."""
+        if self._closed:
+            raise RuntimeError("Stapler is closed")
+        async with self._open_slots:
+            return await self._add(chain, responder_urls=responder_urls, wait=wait)
+
+    async def _add(
+        self, chain: ChainInput, *, responder_urls: ResponderUrls | None, wait: bool
+    ) -> ServerOcspResponse:
         if self._closed:
             raise RuntimeError("Stapler is closed")
         if self._session is None:

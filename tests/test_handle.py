@@ -618,3 +618,32 @@ async def test_handle_is_slotted(leaf, clock, responder) -> None:
             handle.no_such_attribute = 1  # type: ignore[attr-defined]
     finally:
         await handle.close()
+
+
+async def test_a_poke_ends_only_the_sleep(leaf, clock, responder) -> None:
+    """refresh() wakes the sleeping refresher by cancelling its sleep; the refresher takes
+    that back and goes on: it sleeps again and refreshes on schedule."""
+    handle = await open_handle(leaf, clock)
+    try:
+        task = handle._task
+        for _ in range(3):
+            await settle(clock)
+            await handle.refresh()
+        await settle(clock)
+        assert handle._task is task and task is not None and not task.done()
+        before = responder.requests
+        clock.advance(due_in(handle, clock))
+        await settle(clock)
+        assert responder.requests == before + 1
+    finally:
+        await handle.close()
+
+
+async def test_close_right_after_a_poke_still_closes(leaf, clock, responder) -> None:
+    handle = await open_handle(leaf, clock)
+    task = handle._task
+    await settle(clock)
+    handle._poke()  # the cancellation is on its way...
+    await handle.close()  # ...and close()'s lands on top of it: not taken back
+    assert task is not None and task.cancelled()
+    assert handle.state is HandleState.CLOSED

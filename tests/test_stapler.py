@@ -6,6 +6,7 @@ references are released by ``weakref.finalize`` when the connection object goes 
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import AsyncIterator
 from typing import Any
@@ -210,3 +211,29 @@ async def test_chains_share_one_issuer_object(stapler, pki, responder) -> None:
     assert one.issuer == two.issuer == pki.intermediate.cert
     assert one.issuer is two.issuer
     assert one.cert is not two.cert
+
+
+async def test_adds_open_a_bounded_number_at_once(pki, responder, clock, monkeypatch) -> None:
+    """Thousands of add()s gathered at start-up open max_concurrent_fetches at a time (the
+    rest wait as bare coroutines), and every one of them staples."""
+    opening = peak = 0
+    real_open = staple.open_server_ocsp_response
+
+    async def counting_open(*args: Any, **kwargs: Any) -> staple.ServerOcspResponse:
+        nonlocal opening, peak
+        opening += 1
+        peak = max(peak, opening)
+        try:
+            return await real_open(*args, **kwargs)
+        finally:
+            opening -= 1
+
+    monkeypatch.setattr(staple.stapler, "open_server_ocsp_response", counting_open)
+    leaves = [pki.issue_leaf(f"gate{i}.test", ocsp_url=responder.url) for i in range(8)]
+    async with Stapler(clock=clock, max_concurrent_fetches=2) as stapler:
+        handles = await asyncio.gather(*(stapler.add(leaf.chain) for leaf in leaves))
+        assert peak == 2
+        for handle in handles:
+            ctx = handle.get_context()
+            assert ctx is not None
+            ctx.free()
