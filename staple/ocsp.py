@@ -25,7 +25,6 @@ Theory of operation of :func:`validate` (RFC 6960 §3.2 and §4.2.2.2, as OpenSS
 from __future__ import annotations
 
 import base64
-import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -145,7 +144,9 @@ def get_url(responder_url: str, request_der: bytes) -> str | None:
     encoded = base64.b64encode(request_der).decode("ascii")
     if len(encoded) > GET_LIMIT:
         return None
-    return responder_url.rstrip("/") + "/" + urllib.parse.quote(encoded, safe="")
+    # What urllib.parse.quote(encoded, safe="") gives for base64's alphabet, 20x faster.
+    escaped = encoded.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
+    return responder_url.rstrip("/") + "/" + escaped
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,10 +254,34 @@ def _key_hash(cert: x509.Certificate) -> bytes:
     return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest  # type: ignore[arg-type,unused-ignore]
 
 
-def _matches_responder_id(resp: ocsp.OCSPResponse, cert: x509.Certificate) -> bool:
+def _matches_responder_id(
+    resp: ocsp.OCSPResponse, cert: x509.Certificate, name_der: bytes | None = None
+) -> bool:
+    """Whether ``cert`` is the responder the ResponderID names. ``name_der``, the byName
+    ResponderID as encoded (:func:`_responder_name_der`), settles the usual case - the same
+    bytes as the certificate's subject - without building either name as Python objects;
+    otherwise names are compared as cryptography compares them (attribute by attribute)."""
+    if name_der is not None and name_der == cert.subject.public_bytes():
+        return True
     if resp.responder_name is not None:
         return resp.responder_name == cert.subject
     return resp.responder_key_hash == _key_hash(cert)
+
+
+def _responder_name_der(tbs: bytes) -> bytes | None:
+    """The DER Name of a byName ResponderID ([1] EXPLICIT, after the optional [0] version),
+    read from tbsResponseData; ``None`` for byKey or anything unexpected."""
+    try:
+        at = 2 + (tbs[1] & 0x7F if tbs[1] & 0x80 else 0)  # into the SEQUENCE
+        if tbs[at] == 0xA0:  # version
+            at = _skip_tlv(tbs, at)
+        if tbs[at] != 0xA1:
+            return None
+        end = _skip_tlv(tbs, at)
+        inner = at + 2 + (tbs[at + 1] & 0x7F if tbs[at + 1] & 0x80 else 0)
+        return tbs[inner:end] if end <= len(tbs) else None
+    except IndexError:
+        return None
 
 
 def _find_signer(
@@ -264,9 +289,10 @@ def _find_signer(
 ) -> tuple[x509.Certificate, bool]:
     """Who signed the response, and whether that is a delegated responder. Raises if no one
     the issuer authorised (RFC 6960 §4.2.2.2) matches the ResponderID."""
-    if _matches_responder_id(resp, issuer):
+    name_der = _responder_name_der(resp.tbs_response_bytes)
+    if _matches_responder_id(resp, issuer, name_der):
         return issuer, False
-    candidates = [c for c in resp.certificates if _matches_responder_id(resp, c)]
+    candidates = [c for c in resp.certificates if _matches_responder_id(resp, c, name_der)]
     if not candidates:
         rid = (
             resp.responder_name.rfc4514_string()

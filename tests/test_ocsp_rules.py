@@ -6,6 +6,8 @@ test can't pass merely because the builder made something broken.
 
 from __future__ import annotations
 
+import base64
+import urllib.parse
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,6 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509 import ocsp as x509_ocsp
+from hypothesis import given
+from hypothesis import strategies as st
 
 from staple import errors, ocsp
 from staple.testing._pki import TestPKI
@@ -407,3 +411,64 @@ def test_issuer_checked_skips_only_the_issuer_check(pki, leaf) -> None:
         ocsp.validate(der, leaf.cert, pki.root.cert, now=NOW)
     with pytest.raises(errors.CertIdMismatchError):
         ocsp.validate(der, leaf.cert, pki.root.cert, now=NOW, issuer_checked=True)
+
+
+# -- fast paths that must agree with the slow ones --------------------------------------------
+
+
+@given(st.binary(min_size=1, max_size=190))
+def test_get_url_escapes_as_urllib_does(request_der: bytes) -> None:
+    url = ocsp.get_url("http://ocsp.test", request_der)
+    encoded = base64.b64encode(request_der).decode()
+    assert url == "http://ocsp.test/" + urllib.parse.quote(encoded, safe="")
+
+
+@pytest.mark.parametrize("by_hash", [False, True])
+def test_responder_name_read_from_the_signed_bytes(pki, leaf, by_hash) -> None:
+    der = build(pki, leaf, Resp(by_hash=by_hash))
+    tbs = x509_ocsp.load_der_ocsp_response(der).tbs_response_bytes
+    name = ocsp._responder_name_der(tbs)
+    assert name == (None if by_hash else pki.intermediate.cert.subject.public_bytes())
+    assert ocsp._responder_name_der(b"\x30\x03\x02\x01\x00") is None
+    assert ocsp._responder_name_der(tbs[:6]) is None  # truncated
+
+
+def test_responder_name_encoded_otherwise_still_matches(pki, leaf) -> None:
+    """A ResponderID naming the issuer with other string types (PrintableString, not
+    UTF8String) is not the same bytes, but the same name: still the issuer's response."""
+    issuer = pki.intermediate
+    twin_name = x509.Name(
+        [
+            x509.NameAttribute(a.oid, a.value, _type=x509.name._ASN1Type.PrintableString)
+            for a in issuer.cert.subject
+        ]
+    )
+    assert twin_name.public_bytes() != issuer.cert.subject.public_bytes()
+    assert twin_name == issuer.cert.subject
+    twin = (
+        x509.CertificateBuilder()
+        .subject_name(twin_name)
+        .issuer_name(twin_name)
+        .public_key(issuer.key.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=1))
+        .sign(issuer.key, hashes.SHA256())
+    )
+    der = (
+        x509_ocsp.OCSPResponseBuilder()
+        .add_response(
+            cert=leaf.cert,
+            issuer=issuer.cert,
+            algorithm=hashes.SHA1(),
+            cert_status=x509_ocsp.OCSPCertStatus.GOOD,
+            this_update=NOW - timedelta(hours=1),
+            next_update=NOW + timedelta(days=1),
+            revocation_time=None,
+            revocation_reason=None,
+        )
+        .responder_id(x509_ocsp.OCSPResponderEncoding.NAME, twin)
+        .sign(issuer.key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    assert check(pki, leaf, der).delegated is False
