@@ -22,13 +22,26 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import _client, _env, _proc, bulk, core, handshakes, nginx, report, scale, stapling
+from . import (
+    _client,
+    _env,
+    _proc,
+    bulk,
+    core,
+    handshakes,
+    instructions,
+    nginx,
+    report,
+    scale,
+    stapling,
+)
 from ._harness import Bench, Section
 from ._stats import Row, verdict
 
 SECTIONS: dict[str, Callable[[Bench], Awaitable[Section]]] = {
     "getter": core.run,
     "handshakes": handshakes.run,
+    "instructions": instructions.run,
     "stapling": stapling.run,
     "bulk": bulk.run,
     "scale": scale.run,
