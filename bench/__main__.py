@@ -34,6 +34,7 @@ from . import (
     report,
     scale,
     stapling,
+    tlslayer,
 )
 from ._harness import Bench, Section
 from ._stats import Row, verdict
@@ -42,6 +43,7 @@ SECTIONS: dict[str, Callable[[Bench], Awaitable[Section]]] = {
     "getter": core.run,
     "handshakes": handshakes.run,
     "instructions": instructions.run,
+    "tlslayer": tlslayer.run,
     "stapling": stapling.run,
     "bulk": bulk.run,
     "scale": scale.run,
