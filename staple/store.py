@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
@@ -82,12 +83,18 @@ class FileStore(Store):
 
     A crash mid-write leaves the old file or the new one, never a torn one. With a warm
     directory, a restarted server staples its first handshake even while the responder is down.
+    What such a crash leaves besides (a ``.tmp-*`` file, never read as data) is removed by the
+    next process's first write, once it is an hour old: no writer takes that long, so it is
+    nobody's write in progress, even with several processes sharing the directory.
     """
 
     SUFFIX = ".ocsp"
+    STALE_TEMP = 3600.0
+    """Seconds after which a leftover temporary file is a crash's, and removed."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
+        self._swept = False
 
     def path_for(self, key: str) -> Path:
         if not key or "/" in key or key.startswith("."):
@@ -109,6 +116,9 @@ class FileStore(Store):
 
     def _write(self, path: Path, data: bytes) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        if not self._swept:
+            self._swept = True
+            self._sweep()
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=self.SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -126,6 +136,14 @@ class FileStore(Store):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+    def _sweep(self) -> None:
+        """Remove temporary files left by writes a crash cut short."""
+        stale = time.time() - self.STALE_TEMP
+        for leftover in self.directory.glob(".tmp-*" + self.SUFFIX):
+            with contextlib.suppress(OSError):  # gone already, or not ours to remove
+                if leftover.stat().st_mtime < stale:
+                    leftover.unlink()
 
     def __repr__(self) -> str:
         return f"FileStore({str(self.directory)!r})"

@@ -7,7 +7,10 @@ test waits until it is asleep (``settle``), moves time, and counts what the resp
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -408,6 +411,28 @@ async def test_warm_file_store_staples_with_responder_down(leaf, clock, responde
         c.free()
         assert events.kinds()[0] is EventKind.LOADED
     assert responder.requests == 1  # the restarted handle did not need the responder
+
+
+async def test_file_store_sweeps_what_crashed_writes_left(tmp_path) -> None:
+    """A write killed mid-way leaves a ``.tmp-*`` file; the next process's first write removes
+    those an hour old, and leaves a fresh one (maybe another process's write in progress)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old, fresh = cache / ".tmp-old.ocsp", cache / ".tmp-fresh.ocsp"
+    other = cache / "notes.txt"
+    for path in (old, fresh, other):
+        path.write_bytes(b"x")
+    hours_ago = time.time() - 2 * HOUR
+    os.utime(old, (hours_ago, hours_ago))
+    os.utime(other, (hours_ago, hours_ago))
+    store = staple.FileStore(cache)
+    now = datetime.now(UTC)
+    await store.put("k1", b"first", expires=now)
+    assert sorted(p.name for p in cache.iterdir()) == [".tmp-fresh.ocsp", "k1.ocsp", "notes.txt"]
+    os.utime(fresh, (hours_ago, hours_ago))
+    await store.put("k2", b"second", expires=now)  # once per store: the next put doesn't sweep
+    assert fresh.exists()
+    assert await store.get("k1") == b"first"
 
 
 @pytest.mark.parametrize("content", [b"", b"corrupt", b"\x30\x82\x01\x00" + b"\0" * 256])
