@@ -21,6 +21,7 @@ __all__ = [
     "OcspError",
     "ResponderStatusError",
     "ResponseUnavailableError",
+    "RevocationReversedError",
     "RollbackError",
     "SignatureError",
     "UnauthorizedSignerError",
@@ -95,6 +96,11 @@ class ExpiredResponseError(ValidationError):
 
 class RollbackError(ValidationError):
     """The response is older than the one already held (a replay or a stale cache)."""
+
+
+class RevocationReversedError(ValidationError):
+    """A ``good`` response after a ``revoked`` one held for the same certificate: revocation is
+    permanent (RFC 5280 §3.3), unless the reason was certificateHold."""
 
 
 class UnknownStatusError(ValidationError):

@@ -20,6 +20,9 @@ Theory of operation of :func:`validate` (RFC 6960 §3.2 and §4.2.2.2, as OpenSS
    min(nextUpdate, delegated signer's notAfter), lies more than ``margin`` ahead.
 7. Status ``unknown`` is refused (never stapled); ``good`` and ``revoked`` are returned.
 8. Rollback: given the response currently held, an older one is refused.
+9. Revocation sticks: given a held ``revoked`` response, a ``good`` one is refused (revocation
+   is permanent, RFC 5280 §3.3) unless the held one's reason is certificateHold. A responder that
+   un-revokes is broken, restored from an old backup, or not the CA's.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from .errors import (
     IssuerMismatchError,
     NotYetValidError,
     ResponderStatusError,
+    RevocationReversedError,
     RollbackError,
     SignatureError,
     UnauthorizedSignerError,
@@ -345,7 +349,9 @@ def validate(
     Returns the :class:`VerifiedResponse` (status ``good`` or ``revoked``), or raises a
     :class:`~staple.errors.ValidationError` subclass naming the rule broken and the
     certificate. ``now`` must be timezone-aware. With ``current``, a response older than it is
-    refused (:class:`RollbackError`). Pure: no I/O, no clock.
+    refused (:class:`RollbackError`), and after a ``revoked`` one a ``good`` one
+    (:class:`RevocationReversedError`, unless the revocation was a certificateHold). Pure: no
+    I/O, no clock.
 
     A caller that validates for the same pair again and again (a handle: every refresh, for
     days) can pass what does not change: ``expected``, the pair's :func:`cert_id` (for its
@@ -445,6 +451,7 @@ def validate(
     )
     if current is not None:
         check_not_older(verified, current, who=who)
+        check_not_unrevoked(verified, current, who=who)
     return verified
 
 
@@ -518,5 +525,24 @@ def check_not_older(
             f"response (thisUpdate {new.this_update.isoformat()}, producedAt "
             f"{new.produced_at.isoformat()}) is older than the one held (thisUpdate "
             f"{current.this_update.isoformat()}, producedAt {current.produced_at.isoformat()})",
+            subject=who,
+        )
+
+
+def check_not_unrevoked(
+    new: VerifiedResponse, current: VerifiedResponse, *, who: str | None = None
+) -> None:
+    """Revocation sticks: refuse a ``good`` ``new`` while ``current`` says ``revoked``, unless
+    that revocation was a certificateHold (the one reason that may be lifted)."""
+    if (
+        current.cert_status is CertStatus.REVOKED
+        and new.cert_status is CertStatus.GOOD
+        and current.revocation_reason is not x509.ReasonFlags.certificate_hold
+    ):
+        when = current.revocation_time.isoformat() if current.revocation_time else "?"
+        reason = current.revocation_reason.value if current.revocation_reason else "unspecified"
+        raise RevocationReversedError(
+            f"responder says 'good' for a certificate it said was revoked (at {when}, reason "
+            f"{reason}); revocation is permanent, so the revoked response is kept",
             subject=who,
         )

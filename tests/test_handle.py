@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 import staple
 from staple import EventKind, RefreshPolicy
@@ -672,3 +673,33 @@ async def test_close_right_after_a_poke_still_closes(leaf, clock, responder) -> 
     await handle.close()  # ...and close()'s lands on top of it: not taken back
     assert task is not None and task.cancelled()
     assert handle.state is HandleState.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("reason", "sticks"),
+    [
+        (x509.ReasonFlags.key_compromise, True),
+        (None, True),  # no reason given: still permanent
+        (x509.ReasonFlags.certificate_hold, False),  # the one revocation that may be lifted
+    ],
+)
+async def test_revocation_sticks_unless_on_hold(leaf, clock, responder, reason, sticks) -> None:
+    """A responder that says 'good' after 'revoked' is refused: the revoked response stays,
+    and the refusal is an event naming why. A certificateHold may be lifted."""
+    responder.revoke(leaf, reason=reason)
+    events = Recorder()
+    async with await open_handle(leaf, clock, on_update=events) as handle:
+        await settle(clock)
+        responder.set_status(leaf, "good")
+        clock.advance(60)
+        if sticks:
+            with pytest.raises(staple.RevocationReversedError, match="revocation is permanent"):
+                await handle.refresh()
+            assert events.kinds()[-1] is EventKind.FAILED
+        else:
+            await handle.refresh()
+        ctx = handle.get_context()
+        assert ctx is not None
+        expected = staple.CertStatus.REVOKED if sticks else staple.CertStatus.GOOD
+        assert ctx.cert_status is expected
+        ctx.free()

@@ -472,3 +472,13 @@ def test_responder_name_encoded_otherwise_still_matches(pki, leaf) -> None:
         .public_bytes(serialization.Encoding.DER)
     )
     assert check(pki, leaf, der).delegated is False
+
+
+def test_revocation_is_not_reversed(pki, leaf) -> None:
+    revoked = check(pki, leaf, build(pki, leaf, Resp(status=x509_ocsp.OCSPCertStatus.REVOKED)))
+    good_later = build(pki, leaf, Resp(this_update=NOW - timedelta(minutes=30)))
+    with pytest.raises(errors.RevocationReversedError, match="keyCompromise"):
+        check(pki, leaf, good_later, current=revoked)
+    assert check(pki, leaf, good_later).cert_status is ocsp.CertStatus.GOOD  # nothing held
+    later_revoked = build(pki, leaf, Resp(status=x509_ocsp.OCSPCertStatus.REVOKED, this_update=NOW))
+    assert check(pki, leaf, later_revoked, current=revoked).cert_status is ocsp.CertStatus.REVOKED
