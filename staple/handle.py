@@ -385,6 +385,8 @@ class ServerOcspResponse:
         """Sleep until the next refresh (or the held response's stop moment), act, repeat."""
         if self.next_refresh is None or self.next_refresh <= self._now():
             await self._guarded_refresh()
+        else:  # the store's response holds until a later refresh: no first attempt to wait for
+            self._settle_first()
         while True:
             await self._sleep(self._next_wakeup())
             if self._store_changed:  # a fleet member fetched: adopt its response, no fetch
@@ -502,12 +504,16 @@ class ServerOcspResponse:
                 return ClosedError("handle closed during refresh", subject=self.subject)
             raise
 
-    def _attempt_done(self, attempt: asyncio.Task[OcspError | None]) -> None:
-        if self._inflight is attempt:
-            self._inflight = None
+    def _settle_first(self) -> None:
+        """Release an opener waiting for the first attempt (its slot, its outcome)."""
         for first in (self._first_outcome, self._first_slot):
             if first is not None and not first.done():
                 first.set_result(None)
+
+    def _attempt_done(self, attempt: asyncio.Task[OcspError | None]) -> None:
+        if self._inflight is attempt:
+            self._inflight = None
+        self._settle_first()
         if not attempt.cancelled():
             # Mark a stray exception (a bug: _attempt handles every OcspError) as retrieved
             # even if every waiter went away; waiters still see it and _guarded_refresh logs it.

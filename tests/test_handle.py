@@ -703,3 +703,22 @@ async def test_revocation_sticks_unless_on_hold(leaf, clock, responder, reason, 
         expected = staple.CertStatus.REVOKED if sticks else staple.CertStatus.GOOD
         assert ctx.cert_status is expected
         ctx.free()
+
+
+async def test_open_does_not_wait_for_an_attempt_that_is_not_due(leaf, clock, responder) -> None:
+    """The store holds a revoked response the policy withholds: nothing staples, and no
+    attempt is due until its refresh. open(wait=True) returns at once rather than wait for a
+    first attempt that will not come (here wait_timeout is an hour)."""
+    responder.revoke(leaf)
+    store = staple.MemoryStore()
+    policy = replace(POLICY, staple_revoked=False, wait_timeout=3600.0)
+    first = await open_handle(leaf, clock, store=store, policy=policy)
+    await first.close()
+    requests = responder.requests
+    handle = await asyncio.wait_for(open_handle(leaf, clock, store=store, policy=policy), 30)
+    try:
+        assert handle.get_context() is None
+        assert isinstance(handle.last_error, staple.CertificateRevokedError)
+        assert responder.requests == requests  # loaded from the store; no fetch was due
+    finally:
+        await handle.close()
