@@ -97,6 +97,36 @@ async def running(config: ServeConfig, out: io.StringIO | None = None) -> AsyncI
         assert await asyncio.wait_for(task, 30) == 0
 
 
+@asynccontextmanager
+async def serve_process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    """``python -m staple serve --port 0 ARGS`` as a user runs it: yields the process and its
+    port once it says it listens; kills it if the block leaves it running."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "staple", "serve", "--port", "0", *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        first = await asyncio.wait_for(proc.stdout.readline(), 30)
+        match = re.fullmatch(rb"listening on https://127\.0\.0\.1:(\d+)\n", first)
+        assert match, first
+        yield proc, int(match.group(1))
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+
+
+async def stopped_cleanly(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    """Send ``sig``; the process must exit 0 without a traceback."""
+    proc.send_signal(sig)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err
+
+
 def config_for(tmp_path: Path, *certs: tuple[Path, Path], **options) -> ServeConfig:
     options.setdefault("cache_dir", tmp_path / "cache")
     options.setdefault("policy", QUICK)
@@ -702,20 +732,11 @@ async def test_subprocess_on_each_loop(
     chain, key = files(tmp_path, leaf, "leaf")
     ctx = ssl.create_default_context()
     pki.configure_trust(ctx)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "staple", "serve", "--cert", str(chain), "--key", str(key),
-        "--port", "0", "--cache-dir", str(tmp_path / "cache"), "--static", str(static_tree),
-        "--loop", loop,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONWARNINGS": "error"},
-    )  # fmt: skip
-    assert proc.stdout is not None
-    try:
-        first = await asyncio.wait_for(proc.stdout.readline(), 30)
-        match = re.fullmatch(rb"listening on https://127\.0\.0\.1:(\d+)\n", first)
-        assert match, first
-        port = int(match.group(1))
+    async with serve_process(
+        "--cert", str(chain), "--key", str(key), "--cache-dir", str(tmp_path / "cache"),
+        "--static", str(static_tree), "--loop", loop,
+    ) as (proc, port):  # fmt: skip
+        assert proc.stdout is not None
         described = (await asyncio.wait_for(proc.stdout.readline(), 5)).decode()
         assert described.startswith(f"event loop: {expected}"), described
         status = await asyncio.wait_for(proc.stdout.readline(), 5)
@@ -726,14 +747,7 @@ async def test_subprocess_on_each_loop(
             reply = await http(port, "GET", f"/static/{name}", ctx=ctx)
             assert reply.status == 200
             assert reply.body == (static_tree / name).read_bytes(), name
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.communicate()
-    assert proc.returncode == 0, err
-    assert b"Traceback" not in err
+        await stopped_cleanly(proc, signal.SIGTERM)
 
 
 async def test_loop_uvloop_when_it_cannot_be_imported(pki, tmp_path, monkeypatch, capsys) -> None:
@@ -835,31 +849,17 @@ async def test_subprocess_until_signal(pki, responder, tmp_path, sig) -> None:
     """``python -m staple serve`` as a user runs it; ``--responder`` replaces the missing AIA."""
     leaf = pki.issue_leaf("proc.serve.test")  # no AIA: only --responder says where to ask
     chain, key = files(tmp_path, leaf, "leaf")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "staple", "serve", "--cert", str(chain), "--key", str(key),
-        "--port", "0", "--cache-dir", str(tmp_path / "cache"), "--responder", responder.url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONWARNINGS": "error"},
-    )  # fmt: skip
-    assert proc.stdout is not None
-    try:
-        first = await asyncio.wait_for(proc.stdout.readline(), 30)
-        match = re.fullmatch(rb"listening on https://127\.0\.0\.1:(\d+)\n", first)
-        assert match, first
+    async with serve_process(
+        "--cert", str(chain), "--key", str(key), "--cache-dir", str(tmp_path / "cache"),
+        "--responder", responder.url,
+    ) as (proc, port):  # fmt: skip
+        assert proc.stdout is not None
         assert (await asyncio.wait_for(proc.stdout.readline(), 5)).startswith(b"event loop: ")
         status = await asyncio.wait_for(proc.stdout.readline(), 5)
         assert b"[proc.serve.test]: stapling good" in status
-        result = await probe(HOST, int(match.group(1)), servername="proc.serve.test")
+        result = await probe(HOST, port, servername="proc.serve.test")
         assert result.code == 0, result.lines()
-        proc.send_signal(sig)
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.communicate()
-    assert proc.returncode == 0, err
-    assert b"Traceback" not in err
+        await stopped_cleanly(proc, sig)
     assert responder.log == [("GET", "good")]
 
 
