@@ -14,9 +14,7 @@ from cryptography import x509
 from staple import ocsp
 from staple.errors import OcspError
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "openssl-ocsp"
-if not VECTORS.is_dir():  # CI lays shared/ beside the clone; a checkout may sit elsewhere
-    VECTORS = Path(__file__).resolve().parent / "vectors" / "openssl-ocsp"
+VECTORS = Path(__file__).resolve().parent / "vectors" / "openssl-ocsp"  # see vectors/README.md
 
 
 def _cases() -> list[dict[str, Any]]:
