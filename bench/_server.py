@@ -35,7 +35,7 @@ from OpenSSL import SSL
 from staple import MemoryStore, Stapler, ocsp
 from staple.aiohttp import StaplingSite
 from staple.chain import load_chain
-from staple.contexts import build_server_context
+from staple.server_context import build_server_context
 
 CHUNK = os.urandom(64 * 1024)
 

@@ -38,7 +38,7 @@ from OpenSSL import SSL
 
 import staple
 from staple import tls
-from staple.contexts import build_server_context
+from staple.server_context import build_server_context
 from staple.stapler import Stapler
 from staple.testing import Fault, Leaf, OcspResponder, TestPKI
 

@@ -32,7 +32,7 @@ from OpenSSL import SSL
 import staple
 import staple.aiohttp
 import staple.ocsp
-from staple.contexts import build_server_context
+from staple.server_context import build_server_context
 from staple.testing import Leaf, OcspResponder, TestPKI
 
 

@@ -24,7 +24,7 @@ from OpenSSL import SSL
 import staple
 import staple.ocsp
 import staple.tls
-from staple.contexts import build_server_context
+from staple.server_context import build_server_context
 from staple.testing import Leaf, OcspResponder, TestPKI
 
 

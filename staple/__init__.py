@@ -7,11 +7,10 @@ task, persisted in a store); a non-blocking getter hands it to the TLS handshake
 from typing import TYPE_CHECKING
 
 from . import aiohttp as aiohttp  # staple.aiohttp.StaplingSite
-from . import contexts as contexts  # build_server_context
 from . import ocsp as ocsp
+from . import server_context as server_context  # build_server_context
 from . import tls as tls  # staple.tls.create_server, start_server
 from .clock import Clock, SystemClock
-from .context import OcspResponseContext
 from .errors import (
     BadResponseError,
     CertIdMismatchError,
@@ -36,6 +35,7 @@ from .errors import (
 from .handle import Event, EventKind, HandleState, ServerOcspResponse, open_server_ocsp_response
 from .ocsp import CertId, CertStatus, VerifiedResponse
 from .policy import RefreshPolicy
+from .response_context import OcspResponseContext
 from .stapler import MustStaple, Stapler, StapleRefused
 from .store import FileStore, MemoryStore, Store
 

@@ -2,7 +2,7 @@
 
 One :class:`~staple.Stapler` (responses persisted in a :class:`~staple.FileStore`, so a restart
 staples its first handshake even while the responder is down), one SNI-aware pyOpenSSL context
-from :func:`~staple.contexts.build_server_context`, served by
+from :func:`~staple.server_context.build_server_context`, served by
 :class:`~staple.aiohttp.StaplingSite`. Routes:
 
 - ``/``: an HTML page with each certificate's staple status;
@@ -52,10 +52,10 @@ from OpenSSL import SSL
 
 from . import ocsp
 from .aiohttp import StaplingSite
-from .contexts import build_server_context, host_names
 from .errors import ChainError, OcspError
 from .handle import Event, ServerOcspResponse
 from .policy import RefreshPolicy
+from .server_context import build_server_context, host_names
 from .stapler import Stapler
 from .store import FileStore, MemoryStore, Store
 

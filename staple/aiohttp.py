@@ -24,7 +24,7 @@ from OpenSSL import SSL
 from yarl import URL
 
 from . import tls
-from .contexts import CertSpec, build_server_context
+from .server_context import CertSpec, build_server_context
 from .stapler import Stapler
 
 __all__ = ["STAPLER_KEY", "StaplingSite", "run_app", "setup"]

@@ -33,7 +33,6 @@ from cryptography.hazmat.primitives import serialization
 from . import ocsp
 from .chain import ChainInput, ca_issuers_urls, load_chain, must_staple, ocsp_urls
 from .clock import Clock, SystemClock, to_datetime
-from .context import OcspResponseContext
 from .errors import (
     BadResponseError,
     CertificateRevokedError,
@@ -49,6 +48,7 @@ from .errors import (
 )
 from .fetch import fetch_issuer, fetch_response
 from .policy import RefreshPolicy, http_fresh_until, next_refresh, retry_delay
+from .response_context import OcspResponseContext
 from .store import MemoryStore, Store
 
 __all__ = [

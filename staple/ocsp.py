@@ -35,7 +35,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
-from cryptography.x509 import ocsp
+from cryptography.x509 import ocsp as x509_ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, SignatureAlgorithmOID
 
 from .errors import (
@@ -68,7 +68,7 @@ __all__ = [
     "validate",
 ]
 
-CertStatus = ocsp.OCSPCertStatus
+CertStatus = x509_ocsp.OCSPCertStatus
 
 DEFAULT_SKEW = timedelta(minutes=5)
 """How far in the future thisUpdate may lie: clocks of responders and servers disagree."""
@@ -116,7 +116,7 @@ def _issuer_hashes(
     # cryptography computes the CertID hashes (over the DER issuer name as the certificate
     # carries it, and over the *contents* of the issuer's subjectPublicKey BIT STRING) when it
     # builds a request; reuse that rather than re-parse DER here.
-    builder = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, _HASHES[algorithm]())
+    builder = x509_ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, _HASHES[algorithm]())
     req = builder.build()
     return req.issuer_name_hash, req.issuer_key_hash
 
@@ -136,7 +136,7 @@ def build_request(
     """DER of an OCSPRequest for one certificate, without a nonce (RFC 5019: cacheable)."""
     if algorithm not in _HASHES:
         raise ValueError(f"unsupported CertID hash {algorithm!r}; use one of {sorted(_HASHES)}")
-    builder = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, _HASHES[algorithm]())
+    builder = x509_ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, _HASHES[algorithm]())
     return builder.build().public_bytes(serialization.Encoding.DER)
 
 
@@ -259,7 +259,7 @@ def _key_hash(cert: x509.Certificate) -> bytes:
 
 
 def _matches_responder_id(
-    resp: ocsp.OCSPResponse, cert: x509.Certificate, name_der: bytes | None = None
+    resp: x509_ocsp.OCSPResponse, cert: x509.Certificate, name_der: bytes | None = None
 ) -> bool:
     """Whether ``cert`` is the responder the ResponderID names. ``name_der``, the byName
     ResponderID as encoded (:func:`_responder_name_der`), settles the usual case - the same
@@ -289,7 +289,7 @@ def _responder_name_der(tbs: bytes) -> bytes | None:
 
 
 def _find_signer(
-    resp: ocsp.OCSPResponse, issuer: x509.Certificate, now: datetime, skew: timedelta, who: str
+    resp: x509_ocsp.OCSPResponse, issuer: x509.Certificate, now: datetime, skew: timedelta, who: str
 ) -> tuple[x509.Certificate, bool]:
     """Who signed the response, and whether that is a delegated responder. Raises if no one
     the issuer authorised (RFC 6960 §4.2.2.2) matches the ResponderID."""
@@ -366,10 +366,10 @@ def validate(
         check_issued_by(cert, issuer)
 
     try:
-        resp = ocsp.load_der_ocsp_response(der)
+        resp = x509_ocsp.load_der_ocsp_response(der)
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise BadResponseError(f"not a DER OCSP response ({exc})", subject=who) from None
-    if resp.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
+    if resp.response_status is not x509_ocsp.OCSPResponseStatus.SUCCESSFUL:
         rstatus = resp.response_status.name.lower()
         raise ResponderStatusError(
             f"responder answered {rstatus!r} instead of a response", status=rstatus, subject=who
@@ -482,12 +482,12 @@ def _signature_unused_bits(der: bytes, tbs: bytes) -> int:
 
 
 def _find_single(
-    resp: ocsp.OCSPResponse,
+    resp: x509_ocsp.OCSPResponse,
     cert: x509.Certificate,
     issuer: x509.Certificate,
     who: str,
     expected: CertId | None,
-) -> tuple[ocsp.OCSPSingleResponse, CertId]:
+) -> tuple[x509_ocsp.OCSPSingleResponse, CertId]:
     seen = []
     for single in resp.responses:
         algorithm = single.hash_algorithm.name

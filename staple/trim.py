@@ -24,7 +24,7 @@ import logging
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509 import ocsp
+from cryptography.x509 import ocsp as x509_ocsp
 
 from .ocsp import VerifiedResponse
 
@@ -57,7 +57,7 @@ def stapled_der(verified: VerifiedResponse) -> bytes:
         trimmed = _with_certs(der, keep)
         if trimmed is None:
             return der
-        before = ocsp.load_der_ocsp_response(der)
+        before = x509_ocsp.load_der_ocsp_response(der)
         signed = (before.tbs_response_bytes, before.signature, before.signature_algorithm_oid)
     except Exception as exc:  # an optimisation: nothing about it may cost the staple
         log.debug("not trimming an OCSP response of unexpected layout (%r)", exc)
@@ -168,9 +168,9 @@ def _faithful(
     """Whether cryptography reads ``trimmed`` as a successful response with the ``signed``
     parts (tbsResponseData, signature, signature algorithm) and exactly ``certs`` embedded."""
     try:
-        after = ocsp.load_der_ocsp_response(trimmed)
+        after = x509_ocsp.load_der_ocsp_response(trimmed)
         return (
-            after.response_status is ocsp.OCSPResponseStatus.SUCCESSFUL
+            after.response_status is x509_ocsp.OCSPResponseStatus.SUCCESSFUL
             and (after.tbs_response_bytes, after.signature, after.signature_algorithm_oid) == signed
             and after.certificates == certs
         )

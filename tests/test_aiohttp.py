@@ -33,8 +33,8 @@ import staple
 import staple.aiohttp
 from staple import ocsp
 from staple.aiohttp import STAPLER_KEY, StaplingSite
-from staple.contexts import build_server_context
 from staple.handle import HandleState, ServerOcspResponse
+from staple.server_context import build_server_context
 from staple.stapler import Stapler
 from staple.testing import Leaf, OcspResponder, TestPKI
 

@@ -17,7 +17,7 @@ from OpenSSL import SSL
 
 from staple import RefreshPolicy, _cli, tls
 from staple._probe import parse_target, probe
-from staple.contexts import build_server_context
+from staple.server_context import build_server_context
 from staple.stapler import Stapler
 from staple.testing import Fault, Leaf, OcspResponder, TestPKI
 

@@ -31,7 +31,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509 import ocsp
+from cryptography.x509 import ocsp as x509_ocsp
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
@@ -101,18 +101,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     client_cert = _issue("client", client_key, ca_cert, ca_key)
     now = datetime.datetime.now(datetime.UTC)
     response = (
-        ocsp.OCSPResponseBuilder()
+        x509_ocsp.OCSPResponseBuilder()
         .add_response(
             cert=leaf_cert,
             issuer=ca_cert,
             algorithm=hashes.SHA1(),
-            cert_status=ocsp.OCSPCertStatus.GOOD,
+            cert_status=x509_ocsp.OCSPCertStatus.GOOD,
             this_update=now - datetime.timedelta(minutes=5),
             next_update=now + datetime.timedelta(days=1),
             revocation_time=None,
             revocation_reason=None,
         )
-        .responder_id(ocsp.OCSPResponderEncoding.HASH, ca_cert)
+        .responder_id(x509_ocsp.OCSPResponderEncoding.HASH, ca_cert)
         .sign(ca_key, hashes.SHA256())
     )
     directory = tmp_path_factory.mktemp("pki")

@@ -39,7 +39,7 @@ import staple
 import staple.trim
 from staple import ocsp
 from staple._serve import Serving
-from staple.context import OcspResponseContext
+from staple.response_context import OcspResponseContext
 from staple.stapler import Stapler
 from staple.testing import FakeClock, Leaf, OcspResponder, TestPKI
 from staple.testing._responder import _children, _Node, _read, _root, _tlv

@@ -43,7 +43,7 @@ from aiohttp.web_protocol import RequestHandler
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509 import ocsp
+from cryptography.x509 import ocsp as x509_ocsp
 
 from staple.clock import Clock, SystemClock
 
@@ -458,7 +458,7 @@ class OcspResponder:
         else:
             cert, ca = leaf_or_cert, issuer or self._ca_named(leaf_or_cert.issuer)
         request = (
-            ocsp.OCSPRequestBuilder()
+            x509_ocsp.OCSPRequestBuilder()
             .add_certificate(cert, ca.cert, algorithm or hashes.SHA1())
             .build()
             .public_bytes(serialization.Encoding.DER)
@@ -491,7 +491,9 @@ class OcspResponder:
         except (ValueError, IndexError, KeyError):
             request = None
         if request is None:
-            answer = _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformed_request")
+            answer = _unsuccessful(
+                x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformed_request"
+            )
         else:
             key = _request_key(request)
             first = self._first.get(key)
@@ -515,7 +517,7 @@ class OcspResponder:
         ca = cas[0]
         if ca is None or any(other is not ca for other in cas):
             # Not authoritative for (all of) these issuers: RFC 5019 §2.2.3 says unauthorized.
-            return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED, "unauthorized")
+            return _unsuccessful(x509_ocsp.OCSPResponseStatus.UNAUTHORIZED, "unauthorized")
 
         now = self._now()
         this_update = now - self.backdate
@@ -534,7 +536,7 @@ class OcspResponder:
         certs: list[x509.Certificate] = []
         if fault is Fault.WRONG_SIGNER:
             key, signer_cert = self.pki.rogue.key, self.pki.rogue.cert
-            encoding = ocsp.OCSPResponderEncoding.NAME
+            encoding = x509_ocsp.OCSPResponderEncoding.NAME
         elif fault is Fault.SIGNER_WITHOUT_EKU or self.signer != "issuer":
             if fault is Fault.SIGNER_WITHOUT_EKU:
                 delegate = ca.responder_without_eku
@@ -543,16 +545,16 @@ class OcspResponder:
             else:
                 delegate = ca.responder
             key, signer_cert = delegate.key, delegate.cert
-            encoding = ocsp.OCSPResponderEncoding.HASH
+            encoding = x509_ocsp.OCSPResponderEncoding.HASH
             certs = [delegate.cert]
         else:
             key, signer_cert = ca.key, ca.cert
-            encoding = ocsp.OCSPResponderEncoding.NAME
+            encoding = x509_ocsp.OCSPResponderEncoding.NAME
         certs += self.extra_certs
 
         singles: list[bytes] = []
         statuses: list[str] = []
-        template: ocsp.OCSPResponse | None = None
+        template: x509_ocsp.OCSPResponse | None = None
         for cert_id in request.cert_ids:
             entry = self._lookup(ca, cert_id.serial)
             if fault is Fault.UNKNOWN:
@@ -563,7 +565,7 @@ class OcspResponder:
                 )
             serial = cert_id.serial + 1 if fault is Fault.WRONG_CERT else cert_id.serial
             builder = (
-                ocsp.OCSPResponseBuilder()
+                x509_ocsp.OCSPResponseBuilder()
                 .add_response_by_hash(
                     cert_id.name_hash,
                     cert_id.key_hash,
@@ -767,9 +769,9 @@ class OcspResponder:
 
 
 _UNSUCCESSFUL = {
-    Fault.TRY_LATER: ocsp.OCSPResponseStatus.TRY_LATER,
-    Fault.UNAUTHORIZED: ocsp.OCSPResponseStatus.UNAUTHORIZED,
-    Fault.MALFORMED_REQUEST: ocsp.OCSPResponseStatus.MALFORMED_REQUEST,
+    Fault.TRY_LATER: x509_ocsp.OCSPResponseStatus.TRY_LATER,
+    Fault.UNAUTHORIZED: x509_ocsp.OCSPResponseStatus.UNAUTHORIZED,
+    Fault.MALFORMED_REQUEST: x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST,
 }
 
 _HTTP_ERRORS: dict[Fault, tuple[int, str, tuple[tuple[str, str], ...]]] = {
@@ -785,9 +787,9 @@ _REDIRECTS: dict[Fault, tuple[int, str | None]] = {
 }
 
 _CERT_STATUS = {
-    "good": ocsp.OCSPCertStatus.GOOD,
-    "revoked": ocsp.OCSPCertStatus.REVOKED,
-    "unknown": ocsp.OCSPCertStatus.UNKNOWN,
+    "good": x509_ocsp.OCSPCertStatus.GOOD,
+    "revoked": x509_ocsp.OCSPCertStatus.REVOKED,
+    "unknown": x509_ocsp.OCSPCertStatus.UNKNOWN,
 }
 
 
@@ -806,8 +808,8 @@ def _request_key(request: _Request) -> tuple[tuple[str, bytes, bytes, int], ...]
     return tuple((c.algorithm.name, c.name_hash, c.key_hash, c.serial) for c in request.cert_ids)
 
 
-def _unsuccessful(status: ocsp.OCSPResponseStatus, outcome: str) -> _Answer:
-    der = ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(
+def _unsuccessful(status: x509_ocsp.OCSPResponseStatus, outcome: str) -> _Answer:
+    der = x509_ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(
         serialization.Encoding.DER
     )
     return _Answer(der, outcome)
@@ -977,7 +979,10 @@ def _single_responses(tbs: bytes) -> list[bytes]:
 
 
 def _reassemble(
-    template: ocsp.OCSPResponse, singles: Sequence[bytes], produced_at: datetime, key: PrivateKey
+    template: x509_ocsp.OCSPResponse,
+    singles: Sequence[bytes],
+    produced_at: datetime,
+    key: PrivateKey,
 ) -> bytes:
     """``template`` with producedAt and the responses replaced, signed again with ``key``."""
     tbs = template.tbs_response_bytes
