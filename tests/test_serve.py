@@ -34,14 +34,16 @@ from cryptography import x509
 
 import staple
 from staple import RefreshPolicy, cli, static_files
+from staple.aiohttp import MAX_HANDSHAKES
 from staple.cli import demo
 from staple.cli.serve import ServeConfig, Serving, describe_loop, loop_factory, serve
 from staple.probe import probe
 from staple.static_files import SMALL_FILE, SmallFiles
-from staple.status_page import render_page
+from staple.status_page import render_page, status_of
 from staple.testing import Fault, Leaf, OcspResponder, TestPKI
 
 from .external import require
+from .test_aiohttp import Gate
 
 HOST = "127.0.0.1"
 CURL_BAD_STAPLE = 91  # CURLE_SSL_INVALIDCERTSTATUS (Debian curl 7.88)
@@ -802,6 +804,24 @@ async def test_status_lines_and_port_zero(pki, responder, tmp_path) -> None:
     assert "next refresh" in lines[2]
     assert "[two.serve.test]: NO STAPLE: " in lines[3]
     assert "does not know the certificate" in lines[3]
+
+
+async def test_chains_open_at_once_and_handshakes_are_capped(pki, responder, tmp_path) -> None:
+    """``staple serve`` starts through StaplingServer, as run_app does: every chain's first
+    fetch in flight at once (the gate answers only then), each site capped."""
+    async with Gate(responder, 2) as gate:
+        leaves = [pki.issue_leaf(f"{n}.gate.serve.test", ocsp_url=gate.url) for n in ("a", "b")]
+        config = config_for(
+            tmp_path, *(files(tmp_path, leaf, str(i)) for i, leaf in enumerate(leaves))
+        )
+        async with running(config) as serving:
+            assert gate.most == 2
+            assert serving.server is not None
+            assert [site.max_handshakes for site in serving.server.sites] == [MAX_HANDSHAKES]
+            assert [h.cert for h in serving.handles] == [leaf.cert for leaf in leaves]
+            assert [status_of(h)["status"] for h in serving.handles] == ["good", "good"]
+            result = await probe(HOST, serving.port, servername="b.gate.serve.test")
+            assert result.code == 0, result.lines()
 
 
 async def test_start_failures_exit_2(pki, responder, tmp_path, capsys) -> None:
