@@ -27,6 +27,7 @@ import inspect
 import logging
 import os
 import signal
+import socket
 import weakref
 from collections.abc import (
     AsyncIterator,
@@ -78,7 +79,8 @@ class StaplingSite(web.BaseSite):
     """An aiohttp site whose TLS is ``staple.tls`` on a pyOpenSSL context (which can staple).
 
     Connections still in the TLS handshake are invisible to aiohttp's shutdown; the site
-    tracks them and aborts them on :meth:`stop`.
+    tracks them and aborts them on :meth:`stop`. With ``sock``, it serves on that socket (bound
+    already, as aiohttp's ``SockSite`` takes it) instead of ``host`` and ``port``.
     """
 
     __slots__ = (
@@ -89,6 +91,7 @@ class StaplingSite(web.BaseSite):
         "_port",
         "_reuse_address",
         "_reuse_port",
+        "_sock",
         "_stopping",
         "_tls_context",
         "_tls_shutdown_timeout",
@@ -102,6 +105,7 @@ class StaplingSite(web.BaseSite):
         port: int | None = None,
         *,
         ssl_context: SSL.Context,
+        sock: socket.socket | None = None,
         backlog: int = 128,
         reuse_address: bool | None = None,
         reuse_port: bool | None = None,
@@ -115,6 +119,9 @@ class StaplingSite(web.BaseSite):
                 "staple); use aiohttp's TCPSite for an ssl.SSLContext"
             )
         super().__init__(runner, backlog=backlog)
+        if sock is not None and (host is not None or port is not None):
+            raise ValueError("StaplingSite serves on sock, or on host and port: not both")
+        self._sock = sock
         self._host = host
         self._port = 8443 if port is None else port
         self._bound_port: int | None = None
@@ -140,6 +147,8 @@ class StaplingSite(web.BaseSite):
     @property
     def name(self) -> str:
         host = self._host or "0.0.0.0"
+        if self._sock is not None:
+            host = str(self._sock.getsockname()[0])
         return str(URL.build(scheme="https", host=host, port=self.port))
 
     async def start(self) -> None:
@@ -155,14 +164,17 @@ class StaplingSite(web.BaseSite):
             max_handshakes=self._max_handshakes,
         )
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            factory,
-            self._host,
-            self._port,
-            backlog=self._backlog,
-            reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port,
-        )
+        if self._sock is not None:
+            self._server = await loop.create_server(factory, sock=self._sock, backlog=self._backlog)
+        else:
+            self._server = await loop.create_server(
+                factory,
+                self._host,
+                self._port,
+                backlog=self._backlog,
+                reuse_address=self._reuse_address,
+                reuse_port=self._reuse_port,
+            )
         if self._server.sockets:
             self._bound_port = self._server.sockets[0].getsockname()[1]
 
@@ -240,16 +252,18 @@ class StaplingServer:
     for its first response), builds the SNI-switched pyOpenSSL context
     (:func:`~staple.server_context.build_server_context`), attaches the stapler to ``app`` with
     :func:`setup` (``app[STAPLER_KEY]``, closed by the app's cleanup), sets the app up in a
-    ``web.AppRunner`` and starts a :class:`StaplingSite` per host, each capped at
+    ``web.AppRunner`` and starts a :class:`StaplingSite` per host (and socket), each capped at
     ``max_handshakes`` connections in the handshake. Any failure raises :class:`StartError`
     and leaves nothing running. :meth:`close` is idempotent: the runner is cleaned up (aiohttp's
     graceful shutdown, ``shutdown_timeout``) and the stapler closed, once.
 
     ``app`` may be an awaitable returning the application, as ``aiohttp.web.run_app`` accepts.
     ``host`` is one address, several, or ``None`` for every interface; ``port`` ``None`` is
-    8443, 0 a free port. ``runner_options`` are ``web.AppRunner``'s (``access_log``,
-    ``shutdown_timeout``, ``keepalive_timeout``, ``access_log_class``, ...); an unknown one is a
-    :class:`TypeError` naming it. The server is also at ``app[SERVER_KEY]``.
+    8443, 0 a free port; ``sock``, one bound socket or several, is served too (alone, when
+    neither ``host`` nor ``port`` is given), as ``aiohttp.web.run_app`` does.
+    ``runner_options`` are ``web.AppRunner``'s (``access_log``, ``shutdown_timeout``,
+    ``keepalive_timeout``, ``access_log_class``, ...); an unknown one is a :class:`TypeError`
+    naming it. The server is also at ``app[SERVER_KEY]``.
     """
 
     def __init__(
@@ -260,6 +274,7 @@ class StaplingServer:
         stapler: Stapler,
         host: str | Iterable[str] | None = None,
         port: int | None = None,
+        sock: socket.socket | Iterable[socket.socket] | None = None,
         responder_urls: ResponderUrls | None = None,
         backlog: int = 128,
         reuse_address: bool | None = None,
@@ -276,9 +291,16 @@ class StaplingServer:
         self.certs = list(certs)
         self.stapler = stapler
         """Closed with the server (it owns it once constructed)."""
+        # Where to listen, as aiohttp.web.run_app decides: each host (all interfaces for None)
+        # unless only sockets are given, and each socket.
         self._hosts: list[str | None] = (
-            [host] if host is None or isinstance(host, str) else list(host)
+            [host] if isinstance(host, str) else list(host) if host is not None else [None]
         )
+        self._socks = (
+            [] if sock is None else [sock] if isinstance(sock, socket.socket) else list(sock)
+        )
+        if host is None and port is None and self._socks:
+            self._hosts = []
         self._port = port
         self._responder_urls = responder_urls
         self._site_options: dict[str, Any] = {
@@ -332,12 +354,17 @@ class StaplingServer:
             runner = web.AppRunner(app, handle_signals=False, **self._runner_options)
             await runner.setup()
             self.runner = runner
-            for host in self._hosts:
-                site = StaplingSite(runner, host, self._port, ssl_context=ctx, **self._site_options)
+            sites = [
+                StaplingSite(runner, host, self._port, ssl_context=ctx, **self._site_options)
+                for host in self._hosts
+            ]
+            options = {k: v for k, v in self._site_options.items() if not k.startswith("reuse")}
+            sites += [StaplingSite(runner, sock=s, ssl_context=ctx, **options) for s in self._socks]
+            for site in sites:
                 try:
                     await site.start()
                 except OSError as exc:
-                    where = f"{host or '*'}:{site.port}"
+                    where = site.name.removeprefix("https://")
                     raise StartError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
                 self.sites.append(site)
         except BaseException:
@@ -460,7 +487,7 @@ def run_app(
     host: str | Iterable[str] | None = None,
     port: int | None = None,
     path: Any = None,
-    sock: Any = None,
+    sock: socket.socket | Iterable[socket.socket] | None = None,
     shutdown_timeout: float = 60.0,
     keepalive_timeout: float = 75.0,
     ssl_context: Any = None,
@@ -490,9 +517,9 @@ def run_app(
     ``access_log_class``, ``access_log_format``, ``print``, ``handle_signals``, ``backlog``,
     ``reuse_address``, ``reuse_port``, ``handler_cancellation``, ``loop`` (run on it, then
     closed) and aiohttp's request-handler options such as ``max_line_size``), and ``app`` may
-    be a coroutine returning the application. Two cannot staple and are refused: ``path``
-    (a Unix socket) and ``ssl_context`` (the TLS context is built from ``certs``); so is
-    ``sock``.
+    be a coroutine returning the application; ``sock`` serves on bound sockets. Two cannot
+    staple and are refused: ``path`` (a Unix socket) and ``ssl_context`` (the TLS context is
+    built from ``certs``).
 
     staple's own: ``certs`` is ``[(chain, key), ...]`` (PEM paths or bytes; several for SNI or
     RSA + ECDSA); ``store``, ``on_update``, ``must_staple``, ``policy`` and ``**options``
@@ -510,8 +537,6 @@ def run_app(
                 "run_app(path=...): staple serves TLS over TCP and a Unix socket cannot staple "
                 "here; give host= and port= instead"
             )
-        if sock is not None:
-            raise TypeError("run_app(sock=...) is not supported: give host= and port= instead")
         if ssl_context is not None:
             raise TypeError(
                 "run_app(ssl_context=...): staple builds the TLS context from certs= (the "
@@ -538,6 +563,7 @@ def run_app(
             stapler=stapler,
             host=host,
             port=port,
+            sock=sock,
             responder_urls=responder_urls,
             backlog=backlog,
             reuse_address=reuse_address,

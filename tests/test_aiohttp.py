@@ -821,3 +821,22 @@ async def test_server_names_each_chain_it_cannot_open(
         await server.start()
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'acces_log'"):
         StaplingServer(hello_app(), certs=[], stapler=stapler, acces_log=None)
+
+
+async def test_server_on_a_bound_socket(pki: TestPKI, leaf: Leaf) -> None:
+    """``sock=`` (as ``aiohttp.web.run_app(sock=...)``): served alone, stapled, capped."""
+    with socket.create_server((HOST, 0)) as sock:
+        port = sock.getsockname()[1]
+        stapler = Stapler()
+        async with StaplingServer(
+            hello_app(), certs=[(leaf.chain_pem, leaf.key_pem)], stapler=stapler, sock=sock
+        ) as server:
+            assert [site.name for site in server.sites] == [f"https://{HOST}:{port}"]
+            assert server.sites[0].max_handshakes == MAX_HANDSHAKES
+            client = await asyncio.to_thread(StaplingClient, port, pki)
+            try:
+                assert_staple_good(client.staple, leaf)
+                assert await asyncio.to_thread(client.get, "/") == (200, b"hello")
+            finally:
+                client.close()
+        assert [h.state for h in stapler.handles] == [HandleState.CLOSED]
