@@ -29,14 +29,14 @@ DESCRIPTION = (
 EPILOG = None
 
 
-def add_arguments(check: argparse.ArgumentParser) -> None:
-    check.add_argument("chain", metavar="CHAIN.pem", help="leaf certificate, then its issuer")
-    check.add_argument("--issuer", metavar="ISSUER.pem", help="the issuer, if not in CHAIN")
-    check.add_argument(
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("chain", metavar="CHAIN.pem", help="leaf certificate, then its issuer")
+    parser.add_argument("--issuer", metavar="ISSUER.pem", help="the issuer, if not in CHAIN")
+    parser.add_argument(
         "--responder", metavar="URL", action="append", help="ask this URL instead of the AIA one"
     )
-    check.add_argument("--json", action="store_true", help="print one JSON object")
-    check.add_argument(
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
         "--timeout", type=float, default=15.0, help="seconds to wait for the responder"
     )
 

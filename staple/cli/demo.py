@@ -32,8 +32,8 @@ DESCRIPTION = (
 EPILOG = None
 
 
-def add_arguments(demo: argparse.ArgumentParser) -> None:
-    demo.add_argument("--check", action="store_true", help="run the checks and exit 0/1")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--check", action="store_true", help="run the checks and exit 0/1")
 
 
 @dataclass(frozen=True, slots=True)

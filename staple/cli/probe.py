@@ -33,17 +33,17 @@ exit codes:
 """
 
 
-def add_arguments(probe: argparse.ArgumentParser) -> None:
-    probe.add_argument("target", metavar="HOST:PORT", help="port 443 if omitted")
-    probe.add_argument(
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="HOST:PORT", help="port 443 if omitted")
+    parser.add_argument(
         "--cafile", metavar="F", help="also verify the chain and name against these CAs"
     )
-    probe.add_argument("--servername", metavar="N", help="SNI name (default: HOST unless an IP)")
-    versions = probe.add_mutually_exclusive_group()
+    parser.add_argument("--servername", metavar="N", help="SNI name (default: HOST unless an IP)")
+    versions = parser.add_mutually_exclusive_group()
     versions.add_argument("--tls1_2", action="store_true", help="use TLS 1.2 only")
     versions.add_argument("--tls1_3", action="store_true", help="use TLS 1.3 only")
-    probe.add_argument("--json", action="store_true", help="print one JSON object")
-    probe.add_argument(
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds for it all (%(default)s)"
     )
 

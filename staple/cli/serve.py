@@ -78,20 +78,20 @@ while the responder is down.
 """
 
 
-def add_arguments(serve: argparse.ArgumentParser) -> None:
-    serve.add_argument(
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--cert",
         metavar="CHAIN.pem",
         action="append",
         required=True,
         help="leaf certificate then its issuer; repeat for several (SNI, RSA + ECDSA)",
     )
-    serve.add_argument(
+    parser.add_argument(
         "--key", metavar="KEY.pem", action="append", required=True, help="one per --cert"
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8443, help="0 picks a free port (8443)")
-    cache = serve.add_mutually_exclusive_group()
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8443, help="0 picks a free port (8443)")
+    cache = parser.add_mutually_exclusive_group()
     cache.add_argument(
         "--cache-dir",
         metavar="DIR",
@@ -106,11 +106,11 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
         help="share responses with a fleet through Redis (redis://HOST:PORT/DB): one server "
         "fetches per refresh, the others adopt its response",
     )
-    serve.add_argument(
+    parser.add_argument(
         "--responder", metavar="URL", help="ask this OCSP URL instead of each certificate's AIA one"
     )
-    serve.add_argument("--static", metavar="DIR", type=Path, help="serve DIR under /static/")
-    serve.add_argument(
+    parser.add_argument("--static", metavar="DIR", type=Path, help="serve DIR under /static/")
+    parser.add_argument(
         "--loop",
         choices=LOOPS,
         default="auto",
