@@ -28,6 +28,7 @@ from .errors import (
     RevocationReversedError,
     RollbackError,
     SignatureError,
+    StapleRefused,
     UnauthorizedSignerError,
     UnknownStatusError,
     ValidationError,
@@ -36,7 +37,7 @@ from .handle import Event, EventKind, HandleState, ServerOcspResponse, open_serv
 from .ocsp import CertId, CertStatus, VerifiedResponse
 from .policy import RefreshPolicy
 from .response_context import OcspResponseContext
-from .stapler import MustStaple, Stapler, StapleRefused
+from .stapler import MustStaple, Stapler
 from .store import FileStore, MemoryStore, Store
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
 import staple
-from staple import ocsp
+from staple import ClosedError, HandleState, OcspError, ocsp
 from staple.stapler import MustStaple, Stapler, StapleRefused
 from staple.testing import FakeClock
 
@@ -237,3 +237,65 @@ async def test_adds_open_a_bounded_number_at_once(pki, responder, clock, monkeyp
             ctx = handle.get_context()
             assert ctx is not None
             ctx.free()
+
+
+# -- closing, and add() racing close() ----------------------------------------------------------
+
+
+async def test_add_racing_close_leaves_nothing_running(pki, responder, clock, monkeypatch, caplog):
+    """An add() already past its closed-check when close() runs must not leave a handle behind
+    (its refresher would retry forever on the closed session): it raises ClosedError."""
+    real_open = staple.open_server_ocsp_response
+    opening = asyncio.Event()
+    may_open = asyncio.Event()
+    opened: list[staple.ServerOcspResponse] = []
+
+    async def open_when_allowed(*args: Any, **kwargs: Any) -> staple.ServerOcspResponse:
+        opening.set()
+        await may_open.wait()
+        handle = await real_open(*args, **kwargs)
+        opened.append(handle)
+        return handle
+
+    monkeypatch.setattr(staple.stapler, "open_server_ocsp_response", open_when_allowed)
+    leaf = pki.issue_leaf("race.test", ocsp_url=responder.url)
+    stapler = Stapler(clock=clock)
+    adding = asyncio.create_task(stapler.add(leaf.chain))
+    await opening.wait()  # the add is past its checks, opening the handle
+    closing = asyncio.create_task(stapler.close())
+    await asyncio.sleep(0)  # close() starts while the open is in progress ...
+    may_open.set()  # ... which then goes on
+    with pytest.raises(ClosedError, match="closed"):
+        await adding
+    await closing
+    assert stapler.handles == []
+    assert all(h.state is HandleState.CLOSED for h in opened)
+    with pytest.raises(ClosedError):
+        await stapler.add(leaf.chain)
+    assert "unexpected error" not in caplog.text
+
+
+async def test_concurrent_close_waits_for_the_first(pki, responder, clock) -> None:
+    leaf = pki.issue_leaf("close.test", ocsp_url=responder.url)
+    stapler = Stapler(clock=clock)
+    handle = await stapler.add(leaf.chain)
+    first = asyncio.create_task(stapler.close())
+    await asyncio.sleep(0)  # the first close() is under way, waiting for its handle
+    await stapler.close()  # the second returns only once everything is closed
+    assert handle.state is HandleState.CLOSED
+    assert first.done()
+    await first
+    await stapler.close()  # and again: idempotent
+
+
+async def test_closed_stapler_raises_closed_error(clock) -> None:
+    stapler = Stapler(clock=clock)
+    await stapler.close()
+    with pytest.raises(ClosedError, match="Stapler is closed") as caught:
+        await stapler.add(b"unused")
+    assert isinstance(caught.value, OcspError)
+
+
+def test_staple_refused_is_an_ocsp_error() -> None:
+    assert issubclass(StapleRefused, OcspError)
+    assert staple.StapleRefused is StapleRefused is staple.errors.StapleRefused
