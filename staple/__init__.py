@@ -37,6 +37,7 @@ from .handle import Event, EventKind, HandleState, ServerOcspResponse, open_serv
 from .ocsp import CertId, CertStatus, VerifiedResponse
 from .policy import RefreshPolicy
 from .response_context import OcspResponseContext
+from .server_context import TLSProfile
 from .stapler import MustStaple, Stapler
 from .store import FileStore, MemoryStore, Store
 
@@ -89,6 +90,7 @@ __all__ = [
     "Stapler",
     "Store",
     "SystemClock",
+    "TLSProfile",
     "UnauthorizedSignerError",
     "UnknownStatusError",
     "ValidationError",
