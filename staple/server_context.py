@@ -169,7 +169,9 @@ def build_server_context(
     or ``"modern"``, TLS 1.3 only). ``context_factory``, if given, makes each context instead
     of :func:`new_context` (called once per distinct set of host names); its contexts are used
     as they come, so ``profile`` does not apply to them. The certificates are loaded into them
-    and the stapler installed.
+    and the stapler installed. Make them all alike: a connection keeps the protocol versions,
+    suites and groups of the first (default) context; an SNI switch changes only certificates
+    and callbacks.
 
     Raises :exc:`ValueError` for no certificates or an unknown profile,
     :class:`~staple.ChainError` for a chain or key that cannot be loaded, :exc:`TypeError` if
