@@ -28,6 +28,7 @@ from .errors import (
     RevocationReversedError,
     RollbackError,
     SignatureError,
+    StapleRefused,
     UnauthorizedSignerError,
     UnknownStatusError,
     ValidationError,
@@ -36,7 +37,8 @@ from .handle import Event, EventKind, HandleState, ServerOcspResponse, open_serv
 from .ocsp import CertId, CertStatus, VerifiedResponse
 from .policy import RefreshPolicy
 from .response_context import OcspResponseContext
-from .stapler import MustStaple, Stapler, StapleRefused
+from .server_context import TLSProfile
+from .stapler import MustStaple, Stapler
 from .store import FileStore, MemoryStore, Store
 
 if TYPE_CHECKING:
@@ -88,6 +90,7 @@ __all__ = [
     "Stapler",
     "Store",
     "SystemClock",
+    "TLSProfile",
     "UnauthorizedSignerError",
     "UnknownStatusError",
     "ValidationError",

@@ -24,6 +24,7 @@ __all__ = [
     "RevocationReversedError",
     "RollbackError",
     "SignatureError",
+    "StapleRefused",
     "UnauthorizedSignerError",
     "UnknownStatusError",
     "ValidationError",
@@ -116,4 +117,12 @@ class CertificateRevokedError(OcspError):
 
 
 class ClosedError(OcspError):
-    """The handle was closed; it hands out no more contexts."""
+    """The handle or :class:`~staple.Stapler` was closed; it hands out no more contexts and
+    accepts no more certificates."""
+
+
+class StapleRefused(OcspError):
+    """Raised inside the OCSP server callback to abort a handshake that asked for a staple when
+    none is held, under a strict must-staple policy (:class:`~staple.MustStaple`). pyOpenSSL
+    turns it into an internal_error alert; staple's TLS transport closes that connection
+    quietly (the :class:`~staple.Stapler` counts and logs refusals)."""

@@ -5,7 +5,8 @@ installs a callback on pyOpenSSL contexts. Inside the handshake the callback fin
 for the certificate OpenSSL actually selected (``conn.get_certificate()``: with RSA and ECDSA
 certificates on one context, only it knows), takes a reference to the current context, ties
 its release to the connection's end, and returns the DER. It never awaits, never does I/O, and
-never raises - except, deliberately, to refuse a handshake under a strict must-staple policy.
+never raises - except, deliberately, to refuse a handshake under a strict must-staple policy
+(:class:`StapleRefused`: counted in ``refused``, logged at most once a minute per certificate).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import enum
 import logging
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -25,6 +26,7 @@ from OpenSSL import SSL
 
 from .chain import ChainInput, load_chain
 from .clock import Clock
+from .errors import ClosedError, StapleRefused
 from .handle import OnUpdate, ResponderUrls, ServerOcspResponse, open_server_ocsp_response
 from .policy import RefreshPolicy
 from .store import MemoryStore, Store
@@ -50,16 +52,13 @@ class MustStaple(enum.Enum):
     clients would reject an unstapled handshake anyway, so fail fast and visibly."""
 
 
-class StapleRefused(Exception):
-    """Raised inside the OCSP callback to abort a handshake under a strict policy."""
-
-
 class Stapler:
     """Keeps OCSP responses for many certificate chains and staples them into handshakes.
 
     ``policy_options`` are :class:`RefreshPolicy` fields (``margin=...``) for convenience.
     At most ``max_concurrent_fetches`` requests are in flight at once, across all handles.
-    Close it with :meth:`close` or ``async with``.
+    Close it with :meth:`close` or ``async with``; after that :meth:`add` raises
+    :class:`~staple.ClosedError`.
     """
 
     def __init__(
@@ -97,12 +96,17 @@ class Stapler:
         # otherwise each parse and keep their own copy of the same intermediate.
         self._issuers: dict[bytes, x509.Certificate] = {}
         self._closed = False
+        self._close_done: asyncio.Future[None] | None = None  # done once close() has finished
+        self._opening: set[asyncio.Task[ServerOcspResponse]] = set()  # add()s in progress
         # Counters for operators and tests.
         self.stapled = 0
         self.unstapled = 0
         self.refused = 0
         self.callback_errors = 0
+        # Log throttling reads the injected clock (tests), else the monotonic one.
+        self._time: Callable[[], float] = clock.time if clock is not None else time.monotonic
         self._last_log = -_LOG_EVERY
+        self._refusal_logged: dict[ServerOcspResponse, float] = {}
 
     async def add(
         self,
@@ -111,17 +115,42 @@ class Stapler:
         responder_urls: ResponderUrls | None = None,
         wait: bool = True,
     ) -> ServerOcspResponse:
-        """Open a handle for ``chain`` (see :func:`staple.open_server_ocsp_response`)."""
-        if self._closed:
-            raise RuntimeError("Stapler is closed")
+        """Open a handle for ``chain`` (see :func:`staple.open_server_ocsp_response`).
+
+        Raises :class:`~staple.ClosedError` if the Stapler is closed, or closes while this
+        waits: then no handle is left open. Other errors as ``open_server_ocsp_response``.
+        """
+        self._check_open()
         async with self._open_slots:
-            return await self._add(chain, responder_urls=responder_urls, wait=wait)
+            self._check_open()
+            # A task of its own, so that close() can cancel this open and wait for it. At most
+            # max_concurrent_fetches exist at once (we hold an open slot).
+            task = asyncio.create_task(
+                self._add(chain, responder_urls=responder_urls, wait=wait),
+                name="staple Stapler.add",
+            )
+            self._opening.add(task)
+            try:
+                return await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if task.cancelled() and self._closed and not (current and current.cancelling()):
+                    raise self._closed_error() from None  # close() cancelled the open, not us
+                raise
+            finally:
+                self._opening.discard(task)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._closed_error()
+
+    @staticmethod
+    def _closed_error() -> ClosedError:
+        return ClosedError("the Stapler is closed: it accepts no more certificates")
 
     async def _add(
         self, chain: ChainInput, *, responder_urls: ResponderUrls | None, wait: bool
     ) -> ServerOcspResponse:
-        if self._closed:
-            raise RuntimeError("Stapler is closed")
         if self._session is None:
             self._session = aiohttp.ClientSession()
         certs = load_chain(chain)
@@ -140,6 +169,9 @@ class Stapler:
             policy=self.policy,
             fetch_slots=self._fetch_slots,
         )
+        if self._closed:  # close() began as the open finished: it must not outlive us
+            await handle.close()
+            raise self._closed_error()
         self.handles.append(handle)
         self._by_serial.setdefault(handle.cert.serial_number, []).append(handle)
         return handle
@@ -164,13 +196,25 @@ class Stapler:
         return sum(h.live_references for h in self.handles)
 
     async def close(self) -> None:
-        """Close every handle and the shared HTTP session. Idempotent."""
-        if self._closed:
+        """Cancel the :meth:`add` calls in progress (they raise :class:`~staple.ClosedError`),
+        close every handle and the shared HTTP session. Idempotent; concurrent callers all
+        return once it is closed. Contexts already handed out stay valid until freed."""
+        if self._close_done is not None:
+            await asyncio.shield(self._close_done)
             return
+        self._close_done = asyncio.get_running_loop().create_future()
         self._closed = True
-        await asyncio.gather(*(h.close() for h in self.handles))
-        if self._owns_session and self._session is not None:
-            await self._session.close()
+        try:
+            opening = list(self._opening)
+            for task in opening:
+                task.cancel()
+            if opening:
+                await asyncio.wait(opening)
+            await asyncio.gather(*(h.close() for h in self.handles))
+            if self._owns_session and self._session is not None:
+                await self._session.close()
+        finally:
+            self._close_done.set_result(None)
 
     async def __aenter__(self) -> Stapler:
         return self
@@ -197,8 +241,7 @@ class Stapler:
                 if self.must_staple is MustStaple.STRICT or (
                     self.must_staple is MustStaple.MUST_STAPLE and handle.must_staple
                 ):
-                    self.refused += 1
-                    raise StapleRefused(str(handle.last_error))
+                    raise self._refuse(handle)
                 return b""
             if not call_when_closed(conn, ctx.free):  # our transport: freed on close
                 weakref.finalize(conn, ctx.free)
@@ -208,6 +251,28 @@ class Stapler:
             raise
         except Exception as exc:  # a bug must cost a staple, never the handshake
             return self._problem(f"{type(exc).__name__}: {exc}")
+
+    def _refuse(self, handle: ServerOcspResponse) -> StapleRefused:
+        """Count a refused handshake and log it, at most once a minute per certificate: a
+        refusal is the configured policy at work, not an error (the TLS layer closes the
+        connection without reporting it)."""
+        self.refused += 1
+        error = handle.last_error
+        refusal = StapleRefused(
+            f"handshake refused: no valid OCSP response to staple "
+            f"({error.reason if error is not None else 'none held'})",
+            subject=handle.subject,
+        )
+        now = self._time()
+        if now - self._refusal_logged.get(handle, -_LOG_EVERY) >= _LOG_EVERY:
+            self._refusal_logged[handle] = now
+            log.warning(
+                "%s (must_staple=%s; %d handshakes refused so far)",
+                refusal,
+                self.must_staple.value,
+                self.refused,
+            )
+        return refusal
 
     @staticmethod
     def _pick(found: Sequence[ServerOcspResponse], cert: Any) -> ServerOcspResponse:
@@ -220,7 +285,7 @@ class Stapler:
 
     def _problem(self, what: str) -> bytes:
         self.callback_errors += 1
-        now = time.monotonic()
+        now = self._time()
         if now - self._last_log >= _LOG_EVERY:
             self._last_log = now
             log.warning(

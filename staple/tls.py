@@ -104,6 +104,8 @@ from typing import Any, Final, cast
 from cryptography import x509
 from OpenSSL import SSL
 
+from .errors import StapleRefused
+
 __all__ = [
     "AppState",
     "TLSServerProtocol",
@@ -828,9 +830,10 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
     ) -> None:
         """The one exit for errors: flush OpenSSL's alert, close TCP, report ``exc``.
 
-        The peer's misbehaviour (``SSL.Error``) and network errors are logged at debug level;
-        anything else is a bug in the application or a callback, and goes to the loop's
-        exception handler. The app's ``connection_lost`` receives ``exc``.
+        The peer's misbehaviour (``SSL.Error``), network errors and a handshake the OCSP
+        stapler refused by policy (:class:`~staple.StapleRefused`, which it logs itself) are
+        logged at debug level; anything else is a bug in the application or a callback, and
+        goes to the loop's exception handler. The app's ``connection_lost`` receives ``exc``.
         """
         if self._app_state in _APP_CONNECTED and self._close_exc is None:
             self._close_exc = exc
@@ -840,7 +843,7 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
             self._abort()
         else:
             self._close_tcp()
-        if isinstance(exc, (SSL.Error, OSError)):
+        if isinstance(exc, (SSL.Error, OSError, StapleRefused)):
             logger.debug("%r: %s: %r", self, message, exc)
         else:
             self._loop.call_exception_handler(

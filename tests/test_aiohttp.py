@@ -405,7 +405,7 @@ async def test_setup_attaches_the_stapler_and_cleanup_closes_it(
     assert all(h.state is HandleState.RUNNING for h in stapler.handles)
     await runner.cleanup()
     assert [h.state for h in stapler.handles] == [HandleState.CLOSED]
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(staple.ClosedError, match="closed"):
         await stapler.add(leaf.chain)
 
 

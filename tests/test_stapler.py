@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,10 +17,11 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
 import staple
-from staple import ocsp
+from staple import ClosedError, HandleState, OcspError, ocsp
 from staple.stapler import MustStaple, Stapler, StapleRefused
 from staple.testing import FakeClock
 
+from .test_tls import BioClient
 from .tls_pair import client_context, handshake
 
 VERSIONS = [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION]
@@ -237,3 +239,132 @@ async def test_adds_open_a_bounded_number_at_once(pki, responder, clock, monkeyp
             ctx = handle.get_context()
             assert ctx is not None
             ctx.free()
+
+
+# -- closing, and add() racing close() ----------------------------------------------------------
+
+
+async def test_add_racing_close_leaves_nothing_running(pki, responder, clock, monkeypatch, caplog):
+    """An add() already past its closed-check when close() runs must not leave a handle behind
+    (its refresher would retry forever on the closed session): it raises ClosedError."""
+    real_open = staple.open_server_ocsp_response
+    opening = asyncio.Event()
+    may_open = asyncio.Event()
+    opened: list[staple.ServerOcspResponse] = []
+
+    async def open_when_allowed(*args: Any, **kwargs: Any) -> staple.ServerOcspResponse:
+        opening.set()
+        await may_open.wait()
+        handle = await real_open(*args, **kwargs)
+        opened.append(handle)
+        return handle
+
+    monkeypatch.setattr(staple.stapler, "open_server_ocsp_response", open_when_allowed)
+    leaf = pki.issue_leaf("race.test", ocsp_url=responder.url)
+    stapler = Stapler(clock=clock)
+    adding = asyncio.create_task(stapler.add(leaf.chain))
+    await opening.wait()  # the add is past its checks, opening the handle
+    closing = asyncio.create_task(stapler.close())
+    await asyncio.sleep(0)  # close() starts while the open is in progress ...
+    may_open.set()  # ... which then goes on
+    with pytest.raises(ClosedError, match="closed"):
+        await adding
+    await closing
+    assert stapler.handles == []
+    assert all(h.state is HandleState.CLOSED for h in opened)
+    with pytest.raises(ClosedError):
+        await stapler.add(leaf.chain)
+    assert "unexpected error" not in caplog.text
+
+
+async def test_concurrent_close_waits_for_the_first(pki, responder, clock) -> None:
+    leaf = pki.issue_leaf("close.test", ocsp_url=responder.url)
+    stapler = Stapler(clock=clock)
+    handle = await stapler.add(leaf.chain)
+    first = asyncio.create_task(stapler.close())
+    await asyncio.sleep(0)  # the first close() is under way, waiting for its handle
+    await stapler.close()  # the second returns only once everything is closed
+    assert handle.state is HandleState.CLOSED
+    assert first.done()
+    await first
+    await stapler.close()  # and again: idempotent
+
+
+async def test_closed_stapler_raises_closed_error(clock) -> None:
+    stapler = Stapler(clock=clock)
+    await stapler.close()
+    with pytest.raises(ClosedError, match="Stapler is closed") as caught:
+        await stapler.add(b"unused")
+    assert isinstance(caught.value, OcspError)
+
+
+def test_staple_refused_is_an_ocsp_error() -> None:
+    assert issubclass(StapleRefused, OcspError)
+    assert staple.StapleRefused is StapleRefused is staple.errors.StapleRefused
+
+
+# -- refusals over real TCP handshakes ---------------------------------------------------------
+
+
+def _status_client(version: int) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)  # no verification: this is about the staple
+    ctx.set_min_proto_version(version)
+    ctx.set_max_proto_version(version)
+    ctx.set_ocsp_client_callback(lambda conn, data, _: True)
+    return ctx
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=["tls1.2", "tls1.3"])
+async def test_refusals_are_policy_not_errors(pki, responder, clock, caplog, version) -> None:
+    """A refused handshake is counted, logged as one WARNING a minute per certificate, and
+    closed with an alert; it never reaches the loop's exception handler."""
+    must = pki.issue_leaf("must.test", ocsp_url=responder.url, must_staple=True)
+    other = pki.issue_leaf("other.test", ocsp_url=responder.url, must_staple=True)
+    for leaf in (must, other):
+        responder.set_status(leaf, "unknown")  # never stapled
+    loop = asyncio.get_running_loop()
+    reports: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reports.append(context))
+    caplog.set_level(logging.DEBUG)
+
+    async def refused(port: int) -> None:
+        client = await BioClient.open(port, _status_client(version), request_ocsp=True)
+        with pytest.raises(SSL.Error, match="internal error"):
+            await client.handshake()
+        assert await client.reader.read() == b""  # the server closed the connection
+        client.writer.close()
+        await client.writer.wait_closed()
+
+    try:
+        async with Stapler(clock=clock, must_staple="must_staple") as stapler:
+            for leaf in (must, other):
+                await stapler.add(leaf.chain)
+            servers = [
+                await staple.tls.create_server(
+                    asyncio.Protocol, "127.0.0.1", 0, ssl_context=server_context(stapler, leaf)
+                )
+                for leaf in (must, other)
+            ]
+            must_port, other_port = (s.sockets[0].getsockname()[1] for s in servers)
+            for _ in range(3):
+                await refused(must_port)
+            await refused(other_port)  # another certificate: its own warning
+            clock.advance(60)
+            await refused(must_port)  # a minute later: warned again
+            for server in servers:
+                server.close()
+                await server.wait_closed()
+            assert stapler.refused == 5
+    finally:
+        loop.set_exception_handler(None)
+    assert reports == []
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "handshake refused" in r.getMessage()
+    ]
+    assert len(warned) == 3, warned
+    assert ["must.test" in w for w in warned] == [True, False, True]
+    assert "other.test" in warned[1]
+    assert "must_staple=must_staple" in warned[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
