@@ -55,7 +55,7 @@ from .chain import ChainInput
 from .errors import ChainError, OcspError
 from .handle import OnUpdate, ResponderUrls, ServerOcspResponse
 from .policy import RefreshPolicy
-from .server_context import CertSpec, PathOrPem, build_server_context
+from .server_context import CertSpec, PathOrPem, TLSProfile, build_server_context
 from .stapler import MustStaple, Stapler
 from .store import Store
 
@@ -264,6 +264,10 @@ class StaplingServer:
     ``runner_options`` are ``web.AppRunner``'s (``access_log``, ``shutdown_timeout``,
     ``keepalive_timeout``, ``access_log_class``, ...); an unknown one is a :class:`TypeError`
     naming it. The server is also at ``app[SERVER_KEY]``.
+
+    ``tls_profile`` is Mozilla's ``"intermediate"`` (the default: TLS 1.2 with ECDHE and AEAD
+    suites, and 1.3) or ``"modern"`` (TLS 1.3 only); ``context_factory`` makes each pyOpenSSL
+    context instead (see :func:`~staple.server_context.build_server_context`).
     """
 
     def __init__(
@@ -282,9 +286,13 @@ class StaplingServer:
         handshake_timeout: float = tls.DEFAULT_HANDSHAKE_TIMEOUT,
         tls_shutdown_timeout: float = tls.DEFAULT_SHUTDOWN_TIMEOUT,
         max_handshakes: int | None = MAX_HANDSHAKES,
+        tls_profile: TLSProfile | str = TLSProfile.INTERMEDIATE,
+        context_factory: Callable[[], SSL.Context] | None = None,
         **runner_options: Any,
     ) -> None:
         _refuse_unknown("StaplingServer()", runner_options, _RUNNER_OPTIONS)
+        self._tls_profile = TLSProfile(tls_profile)
+        self._context_factory = context_factory
         if not certs:
             raise ValueError("StaplingServer needs certs=[(chain, key), ...]: at least one pair")
         self._app = app
@@ -346,7 +354,12 @@ class StaplingServer:
                 raise TypeError(f"app must be an aiohttp.web.Application, not {app!r}")
             self.handles = await _open_chains(self.stapler, self.certs, self._responder_urls)
             try:
-                ctx = build_server_context(self.certs, self.stapler)
+                ctx = build_server_context(
+                    self.certs,
+                    self.stapler,
+                    profile=self._tls_profile,
+                    context_factory=self._context_factory,
+                )
             except ChainError as exc:  # e.g. a key that does not match its certificate
                 raise StartError(str(exc)) from exc
             setup(app, self.stapler)
@@ -508,6 +521,7 @@ def run_app(
     responder_urls: ResponderUrls | None = None,
     handshake_timeout: float = tls.DEFAULT_HANDSHAKE_TIMEOUT,
     max_handshakes: int | None = MAX_HANDSHAKES,
+    tls_profile: TLSProfile | str = TLSProfile.INTERMEDIATE,
     **options: Any,
 ) -> None:
     """``aiohttp.web.run_app`` over stapling TLS: serve ``app`` until SIGINT or SIGTERM.
@@ -525,8 +539,9 @@ def run_app(
     RSA + ECDSA); ``store``, ``on_update``, ``must_staple``, ``policy`` and ``**options``
     (``session``, ``clock``, ``max_concurrent_fetches``, or any :class:`~staple.RefreshPolicy`
     field) make the :class:`~staple.Stapler`, reachable as ``app[STAPLER_KEY]``;
-    ``responder_urls``, ``handshake_timeout`` and ``max_handshakes`` are
-    :class:`StaplingServer`'s. An unknown keyword is a :class:`TypeError` naming it.
+    ``responder_urls``, ``handshake_timeout``, ``max_handshakes`` and ``tls_profile``
+    (``"intermediate"`` or ``"modern"``) are :class:`StaplingServer`'s. An unknown keyword is
+    a :class:`TypeError` naming it.
     """
     try:
         stapler_options = {k: v for k, v in options.items() if k in _STAPLER_OPTIONS}
@@ -570,6 +585,7 @@ def run_app(
             reuse_port=reuse_port,
             handshake_timeout=handshake_timeout,
             max_handshakes=max_handshakes,
+            tls_profile=tls_profile,
             shutdown_timeout=shutdown_timeout,
             keepalive_timeout=keepalive_timeout,
             access_log_class=access_log_class,

@@ -27,7 +27,7 @@ from staple.stapler import Stapler
 from staple.testing import FakeClock, Leaf, OcspResponder, TestPKI
 
 from .external import require
-from .test_serve import run_tool, served_certificate, staple_serial
+from .test_serve import run_tool, serve_process, served_certificate, staple_serial
 from .tls_pair import client_context, handshake
 
 HOST = "127.0.0.1"
@@ -429,3 +429,24 @@ async def test_gnutls_cli_verifies_the_staple(
     assert "The certificate is trusted" in out, out
     assert re.search(r"- Options: .*OCSP status request", out), out
     assert f"- Description: ({'TLS1.2' if version == 'tls1.2' else 'TLS1.3'}-X.509)" in out, out
+
+
+@pytest.mark.external
+@pytest.mark.parametrize("profile", ["intermediate", "modern"])
+async def test_staple_serve_tls_profile(pki, responder, tmp_path, profile) -> None:
+    """``staple serve --tls-profile``: modern refuses TLS 1.2, intermediate takes it; both
+    staple over TLS 1.3."""
+    leaf = pki.issue_leaf(NAME, ocsp_url=responder.url)
+    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+    leaf.write_chain(chain)
+    leaf.write_key(key)
+    async with serve_process(
+        "--cert", str(chain), "--key", str(key), "--no-cache", "--tls-profile", profile
+    ) as (_, port):  # fmt: skip
+        code, text = await s_client(port, "-tls1_3", "-status")
+        assert code == 0 and "OCSP Response Status: successful" in text, text
+        code, text = await s_client(port, "-tls1_2", "-status")
+        if profile == "modern":
+            assert code != 0 and "alert protocol version" in text, text
+        else:
+            assert code == 0 and "OCSP Response Status: successful" in text, text

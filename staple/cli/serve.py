@@ -41,6 +41,7 @@ from typing import TextIO
 from ..aiohttp import StaplingServer, StartError
 from ..handle import Event, ServerOcspResponse
 from ..policy import RefreshPolicy
+from ..server_context import TLSProfile
 from ..stapler import Stapler
 from ..static_files import SmallFiles
 from ..status_page import status_app, status_line
@@ -111,6 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--static", metavar="DIR", type=Path, help="serve DIR under /static/")
     parser.add_argument(
+        "--tls-profile",
+        choices=[p.value for p in TLSProfile],
+        default=TLSProfile.INTERMEDIATE.value,
+        help="Mozilla's TLS configuration: intermediate (TLS 1.2 with ECDHE+AEAD, and 1.3) or "
+        "modern (TLS 1.3 only) (%(default)s)",
+    )
+    parser.add_argument(
         "--loop",
         choices=LOOPS,
         default="auto",
@@ -140,6 +148,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
         store_url=args.store,
         responder=args.responder,
         static=args.static,
+        tls_profile=TLSProfile(args.tls_profile),
     )
     return await serve(config, out=out)
 
@@ -169,6 +178,8 @@ class ServeConfig:
     """A directory served under ``/static/``."""
     policy: RefreshPolicy | None = None
     """Refresh and validation knobs (tests shorten timeouts); default production values."""
+    tls_profile: TLSProfile = TLSProfile.INTERMEDIATE
+    """Mozilla's intermediate (TLS 1.2 and 1.3) or modern (TLS 1.3 only) settings."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +263,7 @@ async def serve(
             port=config.port,
             responder_urls=[config.responder] if config.responder else None,
             access_log=None,
+            tls_profile=config.tls_profile,
         )
 
         def on_start(server: StaplingServer) -> None:
