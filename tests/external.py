@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-_PACKAGES = {"gnutls-cli": "gnutls-bin"}
+_PACKAGES = {"gnutls-cli": "gnutls-bin"}  # program -> Debian package, where they differ
 
 
 def require(program: str) -> str:
