@@ -9,9 +9,12 @@ With real certificates (whose AIA names a real OCSP responder), all of this is t
     app = web.Application()  # ... add your routes ...
     staple.aiohttp.run_app(app, certs=[("chain.pem", "key.pem")])
 
-``run_app`` opens a :class:`staple.Stapler`, adds every chain, builds the pyOpenSSL context and
-serves it with :class:`staple.aiohttp.StaplingSite`. This example spells those steps out,
-because it makes a throwaway PKI and a local OCSP responder first (``staple.testing``).
+``run_app`` takes ``aiohttp.web.run_app``'s keywords and runs a
+:class:`staple.aiohttp.StaplingServer`: it opens a :class:`staple.Stapler`'s chains at once,
+builds the pyOpenSSL context, keeps the Stapler under ``app[STAPLER_KEY]`` (closed on cleanup)
+and serves with :class:`staple.aiohttp.StaplingSite`. This example runs that same server inside
+its own coroutine, because it makes a throwaway PKI and a local OCSP responder first
+(``staple.testing``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from OpenSSL import SSL
 import staple
 import staple.aiohttp
 import staple.ocsp
-from staple.server_context import build_server_context
 from staple.testing import Leaf, OcspResponder, TestPKI
 
 
@@ -52,35 +54,31 @@ async def main(check: bool, port: int) -> int:
     async with OcspResponder(pki) as responder:  # ...and its OCSP responder
         leaf = pki.issue_leaf("localhost", "127.0.0.1", ocsp_url=responder.url)
 
-        # 1. A Stapler fetches and refreshes one OCSP response per certificate chain. The
-        #    app owns it: setup() stores it under STAPLER_KEY and closes it on cleanup.
+        # A Stapler fetches and refreshes one OCSP response per certificate chain; the server
+        # owns it: it opens the chains (waiting, bounded, for their first responses), stores
+        # it under STAPLER_KEY, serves over a stapling pyOpenSSL context, and closes it.
         app = web.Application()
         app.router.add_get("/", status)
-        stapler = staple.Stapler()
-        staple.aiohttp.setup(app, stapler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        try:
-            await stapler.add(leaf.chain)  # waits (bounded) for the first response
-            # 2. A pyOpenSSL context with the certificate and the Stapler's OCSP callback.
-            ctx = build_server_context([(leaf.chain_pem, leaf.key_pem)], stapler)
-            # 3. StaplingSite where you would use web.TCPSite(..., ssl_context=...).
-            site = staple.aiohttp.StaplingSite(runner, "127.0.0.1", port, ssl_context=ctx)
-            await site.start()
+        server = staple.aiohttp.StaplingServer(
+            app,
+            certs=[(leaf.chain_pem, leaf.key_pem)],
+            stapler=staple.Stapler(),
+            host="127.0.0.1",
+            port=port,
+        )
+        async with server:
             with tempfile.TemporaryDirectory() as tmp:
                 ca = Path(tmp) / "ca.pem"  # clients must trust the throwaway root
                 pki.write_ca_bundle(ca)
                 if not check:
-                    print(f"serving https://localhost:{site.port}/ - try:")
-                    print(f"  curl --cert-status --cacert {ca} https://localhost:{site.port}/")
+                    print(f"serving https://localhost:{server.port}/ - try:")
+                    print(f"  curl --cert-status --cacert {ca} https://localhost:{server.port}/")
                     await asyncio.Event().wait()  # until Ctrl-C
                 if shutil.which("curl"):
-                    ok = await check_with_curl(site.port, ca)
+                    ok = await check_with_curl(server.port, ca)
                 else:
-                    ok = await asyncio.to_thread(check_with_pyopenssl, site.port, pki, leaf)
-            return 0 if ok else 1
-        finally:
-            await runner.cleanup()
+                    ok = await asyncio.to_thread(check_with_pyopenssl, server.port, pki, leaf)
+        return 0 if ok else 1
 
 
 async def check_with_curl(port: int, ca: Path) -> bool:

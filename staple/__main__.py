@@ -1,3 +1,3 @@
-from staple._cli import main
+from staple.cli import main
 
 main()

@@ -15,8 +15,11 @@ import gc
 import hashlib
 import os
 import random
+import signal
 import socket
 import ssl
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,8 +35,9 @@ from OpenSSL import SSL
 import staple
 import staple.aiohttp
 from staple import ocsp
-from staple.aiohttp import STAPLER_KEY, StaplingSite
+from staple.aiohttp import MAX_HANDSHAKES, SERVER_KEY, STAPLER_KEY, StaplingServer, StaplingSite
 from staple.handle import HandleState, ServerOcspResponse
+from staple.probe import probe
 from staple.server_context import build_server_context
 from staple.stapler import Stapler
 from staple.testing import Leaf, OcspResponder, TestPKI
@@ -132,7 +136,9 @@ class StaplingClient:
     server stapled (``b""`` for none). ``get`` speaks just enough HTTP/1.1 keep-alive.
     """
 
-    def __init__(self, port: int, pki: TestPKI | None = None) -> None:
+    def __init__(
+        self, port: int, pki: TestPKI | None = None, servername: bytes = b"localhost"
+    ) -> None:
         ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
         if pki is not None:
             pki.configure_trust(ctx)
@@ -142,7 +148,7 @@ class StaplingClient:
         self.sock = socket.create_connection((HOST, port))
         self.conn = SSL.Connection(ctx, self.sock)
         self.conn.set_connect_state()
-        self.conn.set_tlsext_host_name(b"localhost")
+        self.conn.set_tlsext_host_name(servername)
         self.conn.request_ocsp()
         self.conn.do_handshake()
         self._buffer = b""
@@ -593,3 +599,244 @@ async def test_garbage_instead_of_a_client_hello_closes_only_that_connection(
             fresh.get(url(site)) as resp,
         ):
             assert await resp.text() == "hello"
+
+
+# -- StaplingServer and run_app --------------------------------------------------------------
+
+
+class Gate:
+    """An HTTP front for the OCSP responder that answers only once ``n`` requests wait at once.
+
+    Chains opened concurrently all fetch at once and pass; chains opened one after another
+    never get there (each fetch gives up at its timeout, and the gate, run with
+    ``handler_cancellation``, forgets it). ``most`` is the most requests seen waiting at once.
+    """
+
+    def __init__(self, responder: OcspResponder, n: int) -> None:
+        self.responder = responder
+        self.n = n
+        self.waiting = 0
+        self.most = 0
+        self.open = asyncio.Event()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self._session: aiohttp.ClientSession | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> Gate:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, HOST, 0)
+        await site.start()
+        self.url = f"http://{HOST}:{self._runner.addresses[0][1]}/ocsp"
+        self._session = aiohttp.ClientSession()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.waiting += 1
+        self.most = max(self.most, self.waiting)
+        try:
+            if self.waiting >= self.n:
+                self.open.set()
+            await self.open.wait()  # cancelled when the client gives up
+        finally:
+            self.waiting -= 1
+        assert self._session is not None
+        async with self._session.request(
+            request.method,
+            self.responder.base_url + request.raw_path,
+            data=body if body else None,
+            headers={"Content-Type": request.headers.get("Content-Type", "")} if body else None,
+        ) as answer:
+            return web.Response(
+                body=await answer.read(), status=answer.status, content_type=answer.content_type
+            )
+
+
+def assert_staple_good(der: bytes | None, leaf: Leaf) -> None:
+    assert der, "no staple"
+    verified = ocsp.validate(der, leaf.cert, leaf.chain[1], now=datetime.now(UTC))
+    assert verified.cert_status is staple.CertStatus.GOOD
+
+
+def interrupt() -> None:
+    """What Ctrl-C does to a loop without signal handlers (``handle_signals=False``)."""
+    raise KeyboardInterrupt
+
+
+async def test_run_app_with_aiohttp_keywords_serves_a_staple(
+    pki: TestPKI, responder: OcspResponder
+) -> None:
+    """``run_app`` as aiohttp's, in a thread on its own loop: aiohttp's keywords, an app made
+    by a coroutine, two chains opened at once, the handshake cap, Ctrl-C, a clean close."""
+    async with Gate(responder, 2) as gate:
+        names = ["one.run-app.test", "two.run-app.test"]
+        leaves = [pki.issue_leaf(name, ocsp_url=gate.url) for name in names]
+        apps: list[web.Application] = []
+
+        async def make_app() -> web.Application:
+            app = hello_app()
+            apps.append(app)
+            return app
+
+        loop = asyncio.new_event_loop()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                staple.aiohttp.run_app(
+                    make_app(),
+                    certs=[(leaf.chain_pem, leaf.key_pem) for leaf in leaves],
+                    host=HOST,
+                    port=0,
+                    access_log=None,
+                    print=None,
+                    shutdown_timeout=5.0,
+                    keepalive_timeout=30.0,
+                    handle_signals=False,
+                    loop=loop,
+                    wait_timeout=5.0,  # a RefreshPolicy field, for the Stapler
+                    fetch_timeout=5.0,
+                )
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            await poll(
+                lambda: (
+                    bool(apps and SERVER_KEY in apps[0] and apps[0][SERVER_KEY].sites)
+                    or not thread.is_alive()
+                ),
+                seconds=30,
+            )
+            assert not errors
+            server = apps[0][SERVER_KEY]
+            assert [site.max_handshakes for site in server.sites] == [MAX_HANDSHAKES]
+            assert gate.most == 2  # both chains' first fetches were waiting at once
+            for name, leaf in zip(names, leaves, strict=True):
+                client = await asyncio.to_thread(StaplingClient, server.port, pki, name.encode())
+                try:
+                    assert_staple_good(client.staple, leaf)
+                    assert await asyncio.to_thread(client.get, "/") == (200, b"hello")
+                finally:
+                    client.close()
+        finally:
+            if thread.is_alive():
+                loop.call_soon_threadsafe(interrupt)
+            await asyncio.to_thread(thread.join, 30)
+    assert not thread.is_alive()
+    assert not errors
+    assert loop.is_closed()  # run_app closes the loop it ran on, as aiohttp's does
+    stapler = apps[0][STAPLER_KEY]
+    assert [h.state for h in stapler.handles] == [HandleState.CLOSED] * 2
+
+
+async def test_run_app_until_sigint_in_a_process(
+    pki: TestPKI, responder: OcspResponder, tmp_path: Path
+) -> None:
+    """As a user runs it: aiohttp's start-up line, a verified staple, SIGINT, exit 0."""
+    leaf = pki.issue_leaf("proc.run-app.test", ocsp_url=responder.url)
+    leaf.write_chain(tmp_path / "chain.pem")
+    leaf.write_key(tmp_path / "key.pem")
+    script = (
+        "import sys\n"
+        "from aiohttp import web\n"
+        "import staple.aiohttp\n"
+        "staple.aiohttp.run_app(web.Application(), certs=[(sys.argv[1], sys.argv[2])],\n"
+        "                       host='127.0.0.1', port=0, access_log=None)\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-u", "-c", script, str(tmp_path / "chain.pem"), str(tmp_path / "key.pem"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        first = await asyncio.wait_for(proc.stdout.readline(), 30)
+        prefix = f"======== Running on https://{HOST}:".encode()
+        assert first.startswith(prefix) and first.endswith(b" ========\n"), first
+        port = int(first.removeprefix(prefix).split()[0])
+        assert await asyncio.wait_for(proc.stdout.readline(), 5) == b"(Press CTRL+C to quit)\n"
+        result = await probe(HOST, port, servername="proc.run-app.test")
+        assert result.code == 0, result.lines()
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err
+
+
+def test_run_app_refuses_what_it_cannot_do(leaf: Leaf) -> None:
+    certs = [(leaf.chain_pem, leaf.key_pem)]
+
+    async def make_app() -> web.Application:
+        return hello_app()
+
+    with pytest.raises(
+        TypeError, match=r"^run_app\(\) got an unexpected keyword argument 'acces_log'$"
+    ):
+        staple.aiohttp.run_app(make_app(), certs=certs, acces_log=None)
+    gc.collect()  # the coroutine was closed: no "never awaited" warning (an error here)
+    with pytest.raises(TypeError, match=r"path=.*Unix socket cannot staple"):
+        staple.aiohttp.run_app(hello_app(), certs=certs, path="/tmp/staple.sock")
+    with pytest.raises(TypeError, match=r"ssl_context=.*certs="):
+        staple.aiohttp.run_app(hello_app(), certs=certs, ssl_context=ssl.create_default_context())
+    with pytest.raises(TypeError, match=r"either policy= or policy options"):
+        staple.aiohttp.run_app(
+            hello_app(), certs=certs, policy=staple.RefreshPolicy(), wait_timeout=1.0
+        )
+
+
+async def test_server_names_each_chain_it_cannot_open(
+    pki: TestPKI, leaf: Leaf, tmp_path: Path
+) -> None:
+    """A failed start says which chain and why, listens nowhere, and closes the stapler."""
+    orphan = pki.issue_leaf("orphan.test")  # no AIA: no responder to ask
+    orphan.write_chain(tmp_path / "orphan.pem")
+    stapler = Stapler()
+    server = StaplingServer(
+        hello_app(),
+        certs=[(leaf.chain_pem, leaf.key_pem), (tmp_path / "orphan.pem", orphan.key_pem)],
+        stapler=stapler,
+        host=HOST,
+        port=0,
+    )
+    with pytest.raises(staple.aiohttp.StartError, match=r"orphan\.pem: .*no OCSP responder"):
+        await server.start()
+    assert server.sites == [] and server.runner is None
+    assert [h.state for h in stapler.handles] == [HandleState.CLOSED]
+    with pytest.raises(RuntimeError, match="starts once"):
+        await server.start()
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'acces_log'"):
+        StaplingServer(hello_app(), certs=[], stapler=stapler, acces_log=None)
+
+
+async def test_server_on_a_bound_socket(pki: TestPKI, leaf: Leaf) -> None:
+    """``sock=`` (as ``aiohttp.web.run_app(sock=...)``): served alone, stapled, capped."""
+    with socket.create_server((HOST, 0)) as sock:
+        port = sock.getsockname()[1]
+        stapler = Stapler()
+        async with StaplingServer(
+            hello_app(), certs=[(leaf.chain_pem, leaf.key_pem)], stapler=stapler, sock=sock
+        ) as server:
+            assert [site.name for site in server.sites] == [f"https://{HOST}:{port}"]
+            assert server.sites[0].max_handshakes == MAX_HANDSHAKES
+            client = await asyncio.to_thread(StaplingClient, port, pki)
+            try:
+                assert_staple_good(client.staple, leaf)
+                assert await asyncio.to_thread(client.get, "/") == (200, b"hello")
+            finally:
+                client.close()
+        assert [h.state for h in stapler.handles] == [HandleState.CLOSED]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from staple import _cli
+from staple import cli
 from staple.testing import Fault, OcspResponder, TestPKI
 
 
@@ -38,7 +38,7 @@ def chain_path(pki: TestPKI, responder: OcspResponder, tmp_path: Path) -> Any:
 
 async def check(*argv: str) -> tuple[int, str]:
     out = io.StringIO()
-    code = await _cli.run(["check", *argv, "--timeout", "5"], out=out)
+    code = await cli.run(["check", *argv, "--timeout", "5"], out=out)
     return code, out.getvalue()
 
 
@@ -101,7 +101,7 @@ async def test_separate_issuer_and_responder_override(pki, responder, tmp_path) 
 
 
 async def test_usage_errors(tmp_path) -> None:
-    assert await _cli.run([], out=io.StringIO()) == 2
+    assert await cli.run([], out=io.StringIO()) == 2
     code, _ = await check(str(tmp_path / "missing.pem"))
     assert code == 2
 
@@ -127,7 +127,7 @@ async def test_subprocess(chain_path) -> None:
 async def test_demo_check() -> None:
     """``staple demo --check``: serve on a free port, prove the staple with real clients."""
     out = io.StringIO()
-    assert await _cli.run(["demo", "--check"], out=out) == 0
+    assert await cli.run(["demo", "--check"], out=out) == 0
     text = out.getvalue()
     assert "listening on https://127.0.0.1:" in text
     assert "openssl s_client -connect 127.0.0.1:" in text and "-status" in text

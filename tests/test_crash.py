@@ -38,8 +38,8 @@ from cryptography import x509
 
 import staple
 from staple import RefreshPolicy
-from staple._probe import probe
-from staple._serve import ServeConfig, Serving, serve
+from staple.cli.serve import ServeConfig, Serving, serve
+from staple.probe import probe
 from staple.testing import FakeClock, Fault, Leaf, OcspResponder, TestPKI
 
 HOST = "127.0.0.1"

@@ -695,7 +695,7 @@ def test_decode_responses_client_is_refused() -> None:
 async def test_staple_serve_fleet_shares_one_fetch(redis_server, tmp_path) -> None:
     """Two `staple serve` instances with --store redis://: the responder sees one request,
     and both staple the same response."""
-    from staple._serve import ServeConfig, Serving, serve
+    from staple.cli.serve import ServeConfig, Serving, serve
 
     pki = TestPKI()
     async with OcspResponder(pki) as responder:

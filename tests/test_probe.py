@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL
 
-from staple import RefreshPolicy, _cli, tls
-from staple._probe import parse_target, probe
+from staple import RefreshPolicy, cli, tls
+from staple.probe import parse_target, probe
 from staple.server_context import build_server_context
 from staple.stapler import Stapler
 from staple.testing import Fault, Leaf, OcspResponder, TestPKI
@@ -84,7 +84,7 @@ def fixed_staple_context(leaf: Leaf, staple: bytes, *, send_chain: bool = True) 
 
 async def cli_probe(port: int, *args: str) -> tuple[int, str]:
     out = io.StringIO()
-    code = await _cli.run(["probe", f"{HOST}:{port}", *args], out=out)
+    code = await cli.run(["probe", f"{HOST}:{port}", *args], out=out)
     return code, out.getvalue()
 
 
@@ -279,8 +279,8 @@ async def test_cafile_of_another_pki_and_wrong_name(pki, responder, tmp_path) ->
 
 
 async def test_usage_errors(tmp_path) -> None:
-    assert await _cli.run(["probe", "host:notaport"], out=io.StringIO()) == 2
-    assert await _cli.run(["probe", "h:1", "--tls1_2", "--tls1_3"], out=io.StringIO()) == 2
+    assert await cli.run(["probe", "host:notaport"], out=io.StringIO()) == 2
+    assert await cli.run(["probe", "h:1", "--tls1_2", "--tls1_3"], out=io.StringIO()) == 2
     result = await probe(HOST, 1, cafile=tmp_path / "missing.pem")
     assert result.code == 2 and "--cafile" in (result.error or "")
 

@@ -1,7 +1,7 @@
 """``staple serve`` against real clients: openssl s_client, curl, gnutls-cli, and staple's own
 probe, over real handshakes on 127.0.0.1.
 
-The server runs in-process (the :func:`staple._serve.serve` coroutine on the test's loop, the
+The server runs in-process (the :func:`staple.cli.serve.serve` coroutine on the test's loop, the
 OCSP responder from :mod:`staple.testing` beside it) and once as a real ``python -m staple
 serve`` subprocess stopped by a signal. Tests needing an external program are marked
 ``external``: skipped when it is missing, except under ``CI=true``, where that fails.
@@ -33,21 +33,17 @@ from aiohttp import web
 from cryptography import x509
 
 import staple
-from staple import RefreshPolicy, _cli, _serve
-from staple._probe import probe
-from staple._serve import (
-    SMALL_FILE,
-    ServeConfig,
-    Serving,
-    SmallFiles,
-    describe_loop,
-    loop_factory,
-    render_page,
-    serve,
-)
+from staple import RefreshPolicy, cli, static_files
+from staple.aiohttp import MAX_HANDSHAKES
+from staple.cli import demo
+from staple.cli.serve import ServeConfig, Serving, describe_loop, loop_factory, serve
+from staple.probe import probe
+from staple.static_files import SMALL_FILE, SmallFiles
+from staple.status_page import render_page, status_of
 from staple.testing import Fault, Leaf, OcspResponder, TestPKI
 
 from .external import require
+from .test_aiohttp import Gate
 
 HOST = "127.0.0.1"
 CURL_BAD_STAPLE = 91  # CURLE_SSL_INVALIDCERTSTATUS (Debian curl 7.88)
@@ -651,7 +647,7 @@ async def test_kept_files_are_checked_on_every_request(
     """Once kept, a file is served only while ``os.stat`` says it is the same file: a new size,
     a new mtime, a new inode (rename over it) or its removal are seen by the next request; a
     path later turned into a symlink leading out is refused."""
-    monkeypatch.setattr(_serve, "SETTLED_NS", 0)  # keep every file at once, however fresh
+    monkeypatch.setattr(static_files, "SETTLED_NS", 0)  # keep every file at once, however fresh
     path = static_tree / "hello.txt"
 
     async with serving_files(pki, responder, tmp_path, static_tree) as (serving, memory, ctx):
@@ -694,7 +690,7 @@ async def test_kept_files_are_checked_on_every_request(
 
 
 def test_small_files_stay_within_budget(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(_serve, "SETTLED_NS", 0)
+    monkeypatch.setattr(static_files, "SETTLED_NS", 0)
     for name in "abc":
         (tmp_path / name).write_bytes(name.encode() * 10)
     (tmp_path / "eleven").write_bytes(b"x" * 11)
@@ -757,7 +753,7 @@ async def test_loop_uvloop_when_it_cannot_be_imported(pki, tmp_path, monkeypatch
     assert describe_loop(asyncio.get_running_loop()) == "asyncio (uvloop is not installed)"
     chain, key = files(tmp_path, pki.issue_leaf("noloop.serve.test"), "leaf")
     argv = ["serve", "--loop", "uvloop", "--cert", str(chain), "--key", str(key), "--port", "0"]
-    assert await _cli.run(argv, out=io.StringIO()) == 2
+    assert await cli.run(argv, out=io.StringIO()) == 2
     err = capsys.readouterr().err
     assert "staple serve: --loop uvloop: uvloop cannot be imported" in err
     assert "pip install 'ocsp-staple[uvloop]'" in err
@@ -768,7 +764,7 @@ def test_main_without_uvloop_exits_2(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)
     argv = ["serve", "--loop", "uvloop", "--cert", "c.pem", "--key", "k.pem"]
     with pytest.raises(SystemExit) as exited:
-        _cli.main(argv)
+        cli.main(argv)
     assert exited.value.code == 2
     assert "uvloop cannot be imported" in capsys.readouterr().err
 
@@ -810,6 +806,24 @@ async def test_status_lines_and_port_zero(pki, responder, tmp_path) -> None:
     assert "does not know the certificate" in lines[3]
 
 
+async def test_chains_open_at_once_and_handshakes_are_capped(pki, responder, tmp_path) -> None:
+    """``staple serve`` starts through StaplingServer, as run_app does: every chain's first
+    fetch in flight at once (the gate answers only then), each site capped."""
+    async with Gate(responder, 2) as gate:
+        leaves = [pki.issue_leaf(f"{n}.gate.serve.test", ocsp_url=gate.url) for n in ("a", "b")]
+        config = config_for(
+            tmp_path, *(files(tmp_path, leaf, str(i)) for i, leaf in enumerate(leaves))
+        )
+        async with running(config) as serving:
+            assert gate.most == 2
+            assert serving.server is not None
+            assert [site.max_handshakes for site in serving.server.sites] == [MAX_HANDSHAKES]
+            assert [h.cert for h in serving.handles] == [leaf.cert for leaf in leaves]
+            assert [status_of(h)["status"] for h in serving.handles] == ["good", "good"]
+            result = await probe(HOST, serving.port, servername="b.gate.serve.test")
+            assert result.code == 0, result.lines()
+
+
 async def test_start_failures_exit_2(pki, responder, tmp_path, capsys) -> None:
     leaf = pki.issue_leaf("fail.serve.test")  # no AIA: no responder
     chain, key = files(tmp_path, leaf, "leaf")
@@ -830,7 +844,7 @@ async def test_start_failures_exit_2(pki, responder, tmp_path, capsys) -> None:
         assert reason in capsys.readouterr().err
     # Mismatched --cert/--key counts, through the CLI.
     argv = ["serve", "--cert", str(chain), "--cert", str(chain), "--key", str(key)]
-    assert await _cli.run(argv, out=io.StringIO()) == 2
+    assert await cli.run(argv, out=io.StringIO()) == 2
 
 
 async def test_port_in_use_exits_2(pki, responder, tmp_path, capsys) -> None:
@@ -871,7 +885,7 @@ async def test_probe_json_through_cli(pki, responder, tmp_path, ca_file) -> None
             "probe", f"{HOST}:{serving.port}", "--servername", "json.serve.test",
             "--cafile", str(ca_file), "--json",
         ]  # fmt: skip
-        assert await _cli.run(argv, out=out) == 0
+        assert await cli.run(argv, out=out) == 0
     info = json.loads(out.getvalue())
     assert info["status"] == "good" and info["chain_verified"] is True
     assert info["remaining_seconds"] > timedelta(hours=23).total_seconds()
@@ -889,7 +903,7 @@ async def test_demo_check_says_what_it_skipped(monkeypatch) -> None:
 
     monkeypatch.setattr(shutil, "which", which)
     out = io.StringIO()
-    assert await _cli.run(["demo", "--check"], out=out) == 0
+    assert await cli.run(["demo", "--check"], out=out) == 0
     text = out.getvalue()
     assert "check curl: skipped - curl not installed" in text
     assert "check probe: ok" in text
@@ -898,14 +912,14 @@ async def test_demo_check_says_what_it_skipped(monkeypatch) -> None:
 
 async def test_demo_check_fails_when_a_check_fails(monkeypatch) -> None:
     """The broken pair: an "openssl" that shows no staple fails the demo."""
-    commands = _cli._demo_commands
+    commands = demo.check_commands
 
     def broken(port: int, ca: Path) -> dict[str, list[str]]:
         return {**commands(port, ca), "openssl": [sys.executable, "-c", "print('no staple')"]}
 
-    monkeypatch.setattr(_cli, "_demo_commands", broken)
+    monkeypatch.setattr(demo, "check_commands", broken)
     out = io.StringIO()
-    assert await _cli.run(["demo", "--check"], out=out) == 1
+    assert await cli.run(["demo", "--check"], out=out) == 1
     text = out.getvalue()
     assert "check openssl: FAILED" in text
     assert "demo checks: FAILED (openssl)" in text

@@ -38,7 +38,7 @@ from OpenSSL import SSL
 import staple
 import staple.trim
 from staple import ocsp
-from staple._serve import Serving
+from staple.cli.serve import Serving
 from staple.response_context import OcspResponseContext
 from staple.stapler import Stapler
 from staple.testing import FakeClock, Leaf, OcspResponder, TestPKI

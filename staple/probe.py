@@ -1,4 +1,4 @@
-"""``staple probe HOST:PORT``: does this TLS server staple, and is what it staples any good?
+"""Probe a TLS server: does it staple, and is what it staples any good? (``staple probe``.)
 
 A TLS client on pyOpenSSL asks for a staple (``status_request``) and verifies whatever comes
 back with :func:`staple.ocsp.validate` against the chain the server sent (leaf first, then its
@@ -28,12 +28,14 @@ from . import ocsp
 from .errors import ValidationError
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "EXIT_CONNECTION",
     "EXIT_GOOD",
     "EXIT_INVALID",
     "EXIT_NO_STAPLE",
     "EXIT_REVOKED",
     "ProbeResult",
+    "TLSVersion",
     "parse_target",
     "probe",
 ]
