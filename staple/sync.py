@@ -141,6 +141,10 @@ class StapleFiles:
         await self._sync(handle)
         return handle
 
+    def outputs(self) -> list[tuple[ServerOcspResponse, Path]]:
+        """Each handle with the file it keeps, in the order they were added."""
+        return [(handle, output.path) for handle, output in self._outputs.items()]
+
     def status(self) -> int:
         """What ``staple check`` would exit with for the worst chain: 0 every response good,
         1 one revoked, 3 one unknown to its responder, 4 one without a valid response."""

@@ -13,7 +13,8 @@ import shutil
 
 import pytest
 
-_PACKAGES = {"gnutls-cli": "gnutls-bin", "nginx": "nginx-light"}  # program -> Debian package, where they differ
+# program -> Debian package, where they differ
+_PACKAGES = {"gnutls-cli": "gnutls-bin", "nginx": "nginx-light"}
 
 
 def require(program: str) -> str:

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from staple import FileStore, ocsp
+from staple import FileStore, cli, ocsp
 from staple.sync import TRY_LATER, HaproxyError, StapleFiles, push_to_haproxy
 from staple.testing import FakeClock, Fault, Leaf, OcspResponder, TestPKI
 
@@ -344,3 +348,102 @@ def this_update(s_client_output: str) -> str:
         if "This Update:" in line:
             return line.strip()
     raise AssertionError(f"no This Update in {s_client_output!r}")
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def live() -> AsyncIterator[tuple[TestPKI, OcspResponder]]:
+    """A PKI and responder on the real clock, as the command uses."""
+    pki = TestPKI()
+    async with OcspResponder(pki) as responder:
+        yield pki, responder
+
+
+async def sync_once(tmp_path: Path, *argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = await cli.run(["sync", "--once", "--cache-dir", str(tmp_path / "cache"), *argv], out=out)
+    return code, out.getvalue()
+
+
+async def test_once_writes_and_exits_with_the_worst_status(live, tmp_path) -> None:
+    pki, responder = live
+    good = pki.issue_leaf("good.test", ocsp_url=responder.url)
+    revoked = pki.issue_leaf("revoked.test", ocsp_url=responder.url)
+    responder.revoke(revoked.cert)
+    for name, leaf in (("good", good), ("revoked", revoked)):
+        leaf.write_chain(tmp_path / f"{name}.pem")
+    code, text = await sync_once(
+        tmp_path, "--cert", str(tmp_path / "good.pem"), "--out", str(tmp_path / "good.ocsp")
+    )
+    assert code == 0
+    assert f"{tmp_path / 'good.ocsp'}: " in text and "stapling good" in text
+    assert (
+        ocsp.validate(
+            (tmp_path / "good.ocsp").read_bytes(), good.cert, good.chain[1], now=datetime.now(UTC)
+        ).cert_status
+        is ocsp.CertStatus.GOOD
+    )
+    code, _ = await sync_once(
+        tmp_path,
+        *("--cert", str(tmp_path / "good.pem"), "--out", str(tmp_path / "good.ocsp")),
+        *("--cert", str(tmp_path / "revoked.pem"), "--out", str(tmp_path / "revoked.ocsp")),
+    )
+    assert code == 1
+    assert (tmp_path / "revoked.ocsp").exists()  # revoked responses are stapled by default
+
+
+async def test_once_with_the_responder_down_exits_4_and_writes_nothing(live, tmp_path) -> None:
+    pki, responder = live
+    leaf = pki.issue_leaf("down.test", ocsp_url=responder.url)
+    leaf.write_chain(tmp_path / "down.pem")
+    responder.fault = Fault.HTTP_500
+    code, text = await sync_once(
+        tmp_path, "--cert", str(tmp_path / "down.pem"), "--out", str(tmp_path / "down.ocsp")
+    )
+    assert code == 4
+    assert "NO STAPLE" in text
+    assert not (tmp_path / "down.ocsp").exists()
+
+
+async def test_usage_errors_exit_2(live, tmp_path, capsys) -> None:
+    pki, responder = live
+    leaf = pki.issue_leaf("a.test", ocsp_url=responder.url)
+    leaf.write_chain(tmp_path / "a.pem")
+    code, _ = await sync_once(
+        tmp_path, "--cert", str(tmp_path / "a.pem"), "--out", "x.ocsp", "--out", "y.ocsp"
+    )
+    assert code == 2
+    assert "1 --cert but 2 --out" in capsys.readouterr().err
+    missing_dir = str(tmp_path / "nowhere" / "a.ocsp")
+    code, _ = await sync_once(tmp_path, "--cert", str(tmp_path / "a.pem"), "--out", missing_dir)
+    assert code == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+async def test_service_runs_the_command_and_stops_on_sigterm(live, tmp_path) -> None:
+    pki, responder = live
+    leaf = pki.issue_leaf("svc.test", ocsp_url=responder.url)
+    leaf.write_chain(tmp_path / "svc.pem")
+    marker = tmp_path / "reloaded"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "staple",
+        "sync",
+        *("--cert", str(tmp_path / "svc.pem"), "--out", str(tmp_path / "svc.ocsp")),
+        *("--on-change", f"echo reload >> {marker}", "--no-cache"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    async with asyncio.timeout(30):
+        line = (await process.stdout.readline()).decode()
+    assert "stapling good" in line
+    assert (tmp_path / "svc.ocsp").exists()
+    assert marker.read_text() == "reload\n"  # the start-up batch ran before the status lines
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(30):
+        assert await process.wait() == 0
+    assert (tmp_path / "svc.ocsp").exists()  # a stopped sync leaves the file for the server
