@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypedDict
 
 import aiohttp
 from cryptography import x509
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 
 from .errors import ChainError, FetchError
 from .ocsp import get_url
+from .proxy import Proxy
 
 __all__ = ["Fetched", "fetch_issuer", "fetch_response"]
 
@@ -63,6 +65,14 @@ async def _read_capped(resp: aiohttp.ClientResponse, max_size: int, what: str) -
 _GET_REFUSED = frozenset({400, 404, 405, 414, 501})
 
 
+class _Options(TypedDict):
+    url: str
+    timeout: float
+    connect_timeout: float
+    max_size: int
+    proxy: Proxy | None
+
+
 class _HttpStatus(FetchError):
     def __init__(self, reason: str, status: int) -> None:
         self.status = status
@@ -78,27 +88,29 @@ async def fetch_response(
     connect_timeout: float,
     max_size: int,
     subject: str | None = None,
+    proxy: Proxy | None = None,
 ) -> Fetched:
     """One attempt against one responder URL: GET when the request is small (RFC 5019:
     cacheable), POST otherwise or when the responder refuses the GET form. Raises
     :class:`FetchError` for anything but a 200 with an ``application/ocsp-response`` body
-    within ``max_size``; ``timeout`` bounds the whole attempt."""
+    within ``max_size``; ``timeout`` bounds the whole attempt. Through ``proxy`` when given:
+    its errors name the proxy (never its credentials)."""
     get = get_url(url, request_der)
-    what = f"{'GET' if get is not None else 'POST'} {url}"
+    via = f" via proxy {proxy.name}" if proxy is not None else ""
+    what = f"{'GET' if get is not None else 'POST'} {url}{via}"
+    options = _Options(
+        url=url, timeout=timeout, connect_timeout=connect_timeout, max_size=max_size, proxy=proxy
+    )
     try:
         async with asyncio.timeout(timeout):
             if get is not None:
                 try:
-                    return await _exchange(
-                        session, "GET", get, None, url, timeout, connect_timeout, max_size
-                    )
+                    return await _exchange(session, "GET", get, None, what, **options)
                 except _HttpStatus as exc:
                     if exc.status not in _GET_REFUSED:
                         raise
-                    what = f"POST {url} (after GET: HTTP {exc.status})"
-            return await _exchange(
-                session, "POST", url, request_der, url, timeout, connect_timeout, max_size
-            )
+                    what = f"POST {url}{via} (after GET: HTTP {exc.status})"
+            return await _exchange(session, "POST", url, request_der, what, **options)
     except FetchError as exc:
         raise FetchError(exc.reason, subject=subject) from None
     except TimeoutError:
@@ -109,9 +121,26 @@ async def fetch_response(
         raise FetchError(
             f"{what}: refused redirect to a non-HTTP or invalid URL {str(e)!r}", subject=subject
         ) from None
+    except aiohttp.ClientProxyConnectionError as exc:
+        raise FetchError(
+            f"{what}: cannot connect to the proxy ({_scrub(exc, proxy)})", subject=subject
+        ) from None
+    except aiohttp.ClientHttpProxyError as exc:
+        raise FetchError(
+            f"{what}: the proxy refused (HTTP {exc.status} {exc.message})", subject=subject
+        ) from None
     except (aiohttp.ClientError, OSError, ValueError) as exc:
-        detail = str(exc) or type(exc).__name__
-        raise FetchError(f"{what}: {detail}", subject=subject) from None
+        raise FetchError(f"{what}: {_scrub(exc, proxy)}", subject=subject) from None
+
+
+def _scrub(exc: BaseException, proxy: Proxy | None) -> str:
+    """An exception's text without the proxy's credentials, should a library quote them."""
+    detail = str(exc) or type(exc).__name__
+    if proxy is not None:
+        for secret in (proxy.url.password, proxy.url.raw_password):
+            if secret:
+                detail = detail.replace(secret, "***")
+    return detail
 
 
 async def _exchange(
@@ -119,12 +148,14 @@ async def _exchange(
     method: str,
     target: str,
     body: bytes | None,
+    what: str,
+    *,
     url: str,
     timeout: float,
     connect_timeout: float,
     max_size: int,
+    proxy: Proxy | None,
 ) -> Fetched:
-    what = f"{method} {url}"
     headers = {"Accept": OCSP_RESPONSE_TYPE, "Accept-Encoding": "identity"}
     if body is not None:
         headers["Content-Type"] = OCSP_REQUEST_TYPE
@@ -135,6 +166,7 @@ async def _exchange(
         headers=headers,
         timeout=_timeout(timeout, connect_timeout),
         max_redirects=_MAX_REDIRECTS,
+        proxy=proxy.url if proxy is not None else None,
     ) as resp:
         if resp.status != 200:
             raise _HttpStatus(

@@ -1,4 +1,5 @@
-"""External programs the interop tests drive (openssl, curl, gnutls-cli, redis-server).
+"""External programs the interop tests drive (openssl, curl, gnutls-cli, redis-server, tinyproxy,
+nginx, haproxy).
 
 On a developer's machine a missing program skips the test with the reason; under ``CI=true``
 it fails it, because CI installs them all (``make test`` runs ``.ci/sysdeps``) and a silently
@@ -12,7 +13,8 @@ import shutil
 
 import pytest
 
-_PACKAGES = {"gnutls-cli": "gnutls-bin"}
+# program -> Debian package, where they differ
+_PACKAGES = {"gnutls-cli": "gnutls-bin", "nginx": "nginx-light"}
 
 
 def require(program: str) -> str:

@@ -1,12 +1,15 @@
 """The ``staple`` command: ``check`` a certificate's OCSP status, ``serve`` HTTPS with staples,
-``probe`` a server for its staple, ``demo`` the whole thing. One module per command, each with
-``add_arguments(parser)`` and ``run(args, out)``; this one holds the parser and dispatches.
+``sync`` staple files for nginx and HAProxy, ``probe`` a server for its staple, ``demo`` the
+whole thing. One module per command, each with ``add_arguments(parser)`` and
+``run(args, out)``; this one holds the parser and dispatches.
 
 ``main(argv)`` is what the console script (and ``python -m staple``) calls; ``run(argv)`` is the
 same as a coroutine, so tests drive the CLI in-process on their own event loop.
 
 Exit codes of ``check``: 0 good, 1 revoked, 2 usage, 3 unknown, 4 no valid response.
 Exit codes of ``serve``: 0 after SIGINT/SIGTERM, 2 when it cannot start.
+Exit codes of ``sync --once``: as ``check``'s, for the worst certificate; as a service, 0 after
+SIGINT/SIGTERM, 2 when it cannot start.
 Exit codes of ``probe``: 0 verified good staple, 1 revoked, 2 usage or connection error,
 3 no staple, 4 invalid (or unverifiable) staple.
 Exit codes of ``demo``: 0 (``--check``: every check that could run passed), 1 a check failed.
@@ -23,11 +26,17 @@ from types import ModuleType
 from typing import TextIO
 
 from .. import __version__
-from . import check, demo, probe, serve
+from . import check, demo, probe, serve, sync
 
 __all__ = ["main", "run"]
 
-COMMANDS: dict[str, ModuleType] = {"check": check, "serve": serve, "probe": probe, "demo": demo}
+COMMANDS: dict[str, ModuleType] = {
+    "check": check,
+    "serve": serve,
+    "sync": sync,
+    "probe": probe,
+    "demo": demo,
+}
 """Each command's module: ``HELP``, ``DESCRIPTION``, ``EPILOG``, ``add_arguments``, ``run``."""
 
 

@@ -45,7 +45,7 @@ from ..server_context import TLSProfile
 from ..stapler import Stapler
 from ..static_files import SmallFiles
 from ..status_page import status_app, status_line
-from ..store import FileStore, MemoryStore, Store
+from .stores import add_store_arguments, check_store_url, default_cache_dir, open_store
 
 __all__ = [
     "LOOPS",
@@ -92,21 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8443, help="0 picks a free port (8443)")
-    cache = parser.add_mutually_exclusive_group()
-    cache.add_argument(
-        "--cache-dir",
-        metavar="DIR",
-        type=Path,
-        default=default_cache_dir(),
-        help="where OCSP responses persist across restarts (%(default)s)",
-    )
-    cache.add_argument("--no-cache", action="store_true", help="keep responses in memory only")
-    cache.add_argument(
-        "--store",
-        metavar="URL",
-        help="share responses with a fleet through Redis (redis://HOST:PORT/DB): one server "
-        "fetches per refresh, the others adopt its response",
-    )
+    add_store_arguments(parser)
     parser.add_argument(
         "--responder", metavar="URL", help="ask this OCSP URL instead of each certificate's AIA one"
     )
@@ -151,12 +137,6 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
         tls_profile=TLSProfile(args.tls_profile),
     )
     return await serve(config, out=out)
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/staple``, else ``~/.cache/staple``: per user, survives restarts."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "staple"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -229,29 +209,15 @@ async def serve(
             ready.set_exception(RuntimeError(reason))
         return EXIT_USAGE
 
-    if config.store_url is not None and not config.store_url.startswith(
-        ("redis://", "rediss://", "unix://")
-    ):
-        return cannot_start(f"--store {config.store_url!r}: expected redis://HOST:PORT/DB")
+    bad_store = check_store_url(config.store_url)
+    if bad_store is not None:
+        return cannot_start(bad_store)
     try:
         _check_paths(config)
     except StartError as exc:
         return cannot_start(str(exc))
-    store: Store
-    redis_store = None
-    if config.store_url is not None:
-        from ..redis_store import RedisStore  # redis loads only for fleets
-
-        store = redis_store = RedisStore(config.store_url)
-    elif config.cache_dir is not None:
-        store = FileStore(config.cache_dir)
-    else:
-        store = MemoryStore()
+    store = await open_store(cache_dir=config.cache_dir, store_url=config.store_url)
     try:
-        if redis_store is not None:
-            # Subscribe before the first fetch so no fleet notice is missed; Redis being down
-            # is not fatal (the store fails open and every server fetches itself).
-            await redis_store.connect()
         stapler = Stapler(store=store, policy=config.policy, on_update=on_update)
         static = Path(config.static) if config.static is not None else None
         files = SmallFiles(static) if static is not None else None

@@ -1,0 +1,63 @@
+"""The store options every long-running command takes: ``--cache-dir``, ``--no-cache``,
+``--store redis://...``; and opening the store they name."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..store import FileStore, MemoryStore, Store
+
+__all__ = ["add_store_arguments", "check_store_url", "default_cache_dir", "open_store"]
+
+STORE_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def default_cache_dir() -> Path:
+    """``$STAPLE_CACHE_DIR``, else ``$XDG_CACHE_HOME/staple``, else ``~/.cache/staple``: per
+    user, survives restarts, shared by every command and worker that runs as that user."""
+    explicit = os.environ.get("STAPLE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "staple"
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        type=Path,
+        default=default_cache_dir(),
+        help="where OCSP responses persist across restarts (%(default)s)",
+    )
+    cache.add_argument("--no-cache", action="store_true", help="keep responses in memory only")
+    cache.add_argument(
+        "--store",
+        metavar="URL",
+        help="share responses with a fleet through Redis (redis://HOST:PORT/DB): one server "
+        "fetches per refresh, the others adopt its response",
+    )
+
+
+def check_store_url(url: str | None) -> str | None:
+    """Why ``--store URL`` is unusable, or ``None`` when it is fine (or not given)."""
+    if url is not None and not url.startswith(STORE_SCHEMES):
+        return f"--store {url!r}: expected redis://HOST:PORT/DB"
+    return None
+
+
+async def open_store(*, cache_dir: str | os.PathLike[str] | None, store_url: str | None) -> Store:
+    """The store the options name: Redis (connected, so no fleet notice is missed; Redis being
+    down is not fatal, the store fails open), else a :class:`FileStore`, else memory."""
+    if store_url is not None:
+        from ..redis_store import RedisStore  # redis loads only for fleets
+
+        redis_store = RedisStore(store_url)
+        await redis_store.connect()
+        return redis_store
+    if cache_dir is not None:
+        return FileStore(cache_dir)
+    return MemoryStore()

@@ -1,0 +1,127 @@
+"""Prometheus metrics: what a scrape of a real stapler says, over a real HTTP listener."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from staple import metrics
+from staple.stapler import Stapler
+from staple.testing import FakeClock
+
+from .test_stapler import server_context
+from .tls_pair import client_context, handshake
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture
+async def stapler(clock: FakeClock) -> AsyncIterator[Stapler]:
+    async with Stapler(clock=clock, jitter=0.0, max_concurrent_fetches=1) as s:
+        yield s
+
+
+async def scrape(registry: CollectorRegistry) -> Samples:
+    runner = await metrics.start_server("127.0.0.1", 0, registry=registry)
+    try:
+        port = runner.addresses[0][1]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/metrics") as response,
+        ):
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain; version=")
+            text = await response.text()
+    finally:
+        await runner.cleanup()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def cert_labels(leaf) -> frozenset[tuple[str, str]]:
+    return frozenset(
+        {
+            ("serial", f"{leaf.cert.serial_number:x}"),
+            ("subject", leaf.cert.subject.rfc4514_string()),
+        }
+    )
+
+
+async def test_a_good_response_and_its_times(stapler, pki, responder, clock) -> None:
+    leaf = pki.issue_leaf("a.test", ocsp_url=responder.url)
+    handle = await stapler.add(leaf.chain)
+    registry = CollectorRegistry()
+    metrics.register(stapler, registry=registry)
+    samples = await scrape(registry)
+    labels = cert_labels(leaf)
+    response = handle.response
+    assert response is not None
+    assert samples[("staple_ocsp_response_status", labels)] == 0
+    assert samples[("staple_ocsp_response_this_update_timestamp_seconds", labels)] == (
+        response.this_update.timestamp()
+    )
+    assert samples[("staple_ocsp_response_next_update_timestamp_seconds", labels)] == (
+        response.next_update.timestamp()
+    )
+    assert samples[("staple_ocsp_response_produced_at_timestamp_seconds", labels)] == (
+        response.produced_at.timestamp()
+    )
+    assert samples[("staple_certificate_not_after_timestamp_seconds", labels)] == (
+        leaf.cert.not_valid_after_utc.timestamp()
+    )
+    assert handle.next_refresh is not None
+    assert samples[("staple_ocsp_next_refresh_timestamp_seconds", labels)] == (
+        handle.next_refresh.timestamp()
+    )
+    assert samples[("staple_ocsp_consecutive_failures", labels)] == 0
+
+
+async def test_revoked_is_1_and_nothing_held_is_absent(stapler, pki, responder) -> None:
+    revoked = pki.issue_leaf("revoked.test", ocsp_url=responder.url)
+    responder.revoke(revoked.cert)
+    await stapler.add(revoked.chain)
+    down = pki.issue_leaf("down.test", ocsp_url="http://127.0.0.1:9/never")
+    await stapler.add(down.chain, wait=False)
+    registry = CollectorRegistry()
+    metrics.register(stapler, registry=registry)
+    samples = await scrape(registry)
+    assert samples[("staple_ocsp_response_status", cert_labels(revoked))] == 1
+    assert ("staple_ocsp_response_status", cert_labels(down)) not in samples
+    # The certificate is known even while no response is held.
+    assert ("staple_certificate_not_after_timestamp_seconds", cert_labels(down)) in samples
+
+
+async def test_handshakes_and_references_follow_connections(stapler, pki, responder) -> None:
+    leaf = pki.issue_leaf("a.test", ocsp_url=responder.url)
+    await stapler.add(leaf.chain)
+    ctx = server_context(stapler, leaf)
+    registry = CollectorRegistry()
+    metrics.register(stapler, registry=registry)
+    labels = cert_labels(leaf)
+
+    servers = [handshake(ctx, client_context()[0]) for _ in range(3)]
+    samples = await scrape(registry)
+    assert samples[("staple_handshakes_total", frozenset({("outcome", "stapled")}))] == 3
+    assert samples[("staple_handshakes_total", frozenset({("outcome", "no_staple")}))] == 0
+    assert samples[("staple_context_references_live", labels)] == 3
+    assert samples[("staple_contexts_live", labels)] == 1
+
+    del servers
+    gc.collect()
+    samples = await scrape(registry)
+    assert samples[("staple_context_references_live", labels)] == 0  # the AddRef/Free check
+
+
+async def test_register_twice_on_one_registry_is_refused(stapler) -> None:
+    registry = CollectorRegistry()
+    metrics.register(stapler, registry=registry)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        metrics.register(stapler, registry=registry)
