@@ -68,6 +68,44 @@ class Event:
     source: str | None = None
     next_refresh: datetime | None = None
 
+    @classmethod
+    def about(
+        cls,
+        handle: ServerOcspResponse,
+        kind: EventKind,
+        *,
+        response: ocsp.VerifiedResponse | None = None,
+        error: OcspError | None = None,
+        source: str | None = None,
+    ) -> Event:
+        """An event about ``handle`` now; those that follow an attempt name its next one."""
+        scheduled = kind not in (EventKind.REJECTED, EventKind.CLOSED)
+        return cls(
+            kind=kind,
+            handle=handle,
+            subject=handle.subject,
+            response=response,
+            error=error,
+            source=source,
+            next_refresh=handle.next_refresh if scheduled else None,
+        )
+
+    @classmethod
+    def installed(
+        cls,
+        handle: ServerOcspResponse,
+        response: ocsp.VerifiedResponse,
+        *,
+        source: str,
+        loaded: bool,
+    ) -> Event:
+        """A response was adopted: REVOKED if it says so, else LOADED (from a store) or
+        FETCHED (from the responder)."""
+        kind = EventKind.LOADED if loaded else EventKind.FETCHED
+        if response.cert_status is ocsp.CertStatus.REVOKED:
+            kind = EventKind.REVOKED
+        return cls.about(handle, kind, response=response, source=source)
+
     def __str__(self) -> str:
         parts = [f"{self.kind.value}: {self.subject}"]
         if self.response is not None:

@@ -58,7 +58,6 @@ from .errors import (
     UnknownStatusError,
     ValidationError,
 )
-from .events import _LOG_LEVELS as _LOG_LEVELS
 from .events import Event, EventKind, OnUpdate, emit
 from .fetch import fetch_issuer, fetch_response
 from .policy import RefreshPolicy
@@ -290,7 +289,7 @@ class ServerOcspResponse(ContextHolder):
         self._retire(ClosedError("handle closed", subject=self.subject))
         self._set_state(HandleState.CLOSED)
         self._closed.set_result(None)
-        await self._emit(self._event(EventKind.CLOSED))
+        await self._emit(Event.about(self, EventKind.CLOSED))
 
     async def __aenter__(self) -> ServerOcspResponse:
         return self
@@ -394,7 +393,7 @@ class ServerOcspResponse(ContextHolder):
             self._stale(ctx, "; no fresher response could be fetched")
         if isinstance(self.last_error, ExpiredResponseError) and not self._expired_reported:
             self._expired_reported = True
-            await self._emit(self._event(EventKind.EXPIRED, error=self.last_error))
+            await self._emit(Event.about(self, EventKind.EXPIRED, error=self.last_error))
 
     async def _refresh_once(self, *, force: bool = False) -> OcspError | None:
         """One refresh attempt; concurrent callers share it. Returns the error, if any.
@@ -499,7 +498,7 @@ class ServerOcspResponse(ContextHolder):
             self._fresh_until = policy.http_fresh_until(fetched.headers, now)
             self._install(verified)
             await self._persist(verified, lifts=base)
-            events.append(self._installed_event(verified, source=url, loaded=False))
+            events.append(Event.installed(self, verified, source=url, loaded=False))
             return None
         return errors
 
@@ -602,13 +601,13 @@ class ServerOcspResponse(ContextHolder):
         except Exception as exc:
             self._rejected_der = der
             events.append(
-                self._event(
-                    EventKind.REJECTED, error=self._store_error(exc), source=repr(self.store)
+                Event.about(
+                    self, EventKind.REJECTED, error=self._store_error(exc), source=repr(self.store)
                 )
             )
             return False
         self._install(verified)
-        events.append(self._installed_event(verified, source=repr(self.store), loaded=True))
+        events.append(Event.installed(self, verified, source=repr(self.store), loaded=True))
         return True
 
     async def _load_revocation(self, events: _Events) -> None:
@@ -631,7 +630,7 @@ class ServerOcspResponse(ContextHolder):
         except Exception as exc:
             source = f"{self.store!r} (revocation record)"
             events.append(
-                self._event(EventKind.REJECTED, error=self._store_error(exc), source=source)
+                Event.about(self, EventKind.REJECTED, error=self._store_error(exc), source=source)
             )
 
     def _store_error(self, exc: Exception) -> OcspError:
@@ -645,34 +644,6 @@ class ServerOcspResponse(ContextHolder):
         return BadResponseError(f"unreadable stored response ({exc!r})", subject=self.subject)
 
     # -- events ----------------------------------------------------------------------------
-
-    def _event(
-        self,
-        kind: EventKind,
-        *,
-        response: ocsp.VerifiedResponse | None = None,
-        error: OcspError | None = None,
-        source: str | None = None,
-    ) -> Event:
-        """An event about this handle; those that follow an attempt name the next one."""
-        scheduled = kind not in (EventKind.REJECTED, EventKind.CLOSED)
-        return Event(
-            kind=kind,
-            handle=self,
-            subject=self.subject,
-            response=response,
-            error=error,
-            source=source,
-            next_refresh=self.next_refresh if scheduled else None,
-        )
-
-    def _installed_event(
-        self, verified: ocsp.VerifiedResponse, *, source: str, loaded: bool
-    ) -> Event:
-        kind = EventKind.LOADED if loaded else EventKind.FETCHED
-        if verified.cert_status is ocsp.CertStatus.REVOKED:
-            kind = EventKind.REVOKED
-        return self._event(kind, response=verified, source=source)
 
     def _failed(self, errors: list[OcspError], events: _Events) -> OcspError:
         """Count a failed attempt, schedule the retry (backoff) and say why. Returns the
@@ -694,7 +665,9 @@ class ServerOcspResponse(ContextHolder):
         if ctx is None:
             self.last_error = error
         unknown = any(isinstance(e, UnknownStatusError) for e in errors)
-        events.append(self._event(EventKind.UNKNOWN if unknown else EventKind.FAILED, error=error))
+        events.append(
+            Event.about(self, EventKind.UNKNOWN if unknown else EventKind.FAILED, error=error)
+        )
         return error
 
     async def _emit(self, event: Event) -> None:
