@@ -250,3 +250,55 @@ async def test_a_withheld_revocation_is_recorded_too(leaf, clock, responder) -> 
     async with await open_handle(leaf, clock, store=store, policy=policy) as handle:
         assert handle.get_context() is None
         assert await store.get_revocation(handle.cert_id.key) is not None
+
+
+# -- the Store revocation API ------------------------------------------------------------
+
+
+class DictStore(staple.Store):
+    """A custom store written before revocation records existed: only get and put."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    async def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    async def put(self, key: str, der: bytes, *, expires: datetime) -> None:
+        self.data[key] = der
+
+
+@pytest.mark.parametrize("kind", ["custom", "memory", "file"])
+async def test_store_revocation_api(kind: str, tmp_path: Path, clock: FakeClock) -> None:
+    stores: dict[str, staple.Store] = {
+        "custom": DictStore(),
+        "memory": staple.MemoryStore(),
+        "file": staple.FileStore(tmp_path),
+    }
+    store = stores[kind]
+    until = clock.now()
+    assert await store.get_revocation("k") is None
+    await store.put_revocation("k", b"revoked-der", until=until)
+    assert await store.get_revocation("k") == b"revoked-der"
+    assert await store.get("k") is None  # apart from the responses
+    await store.put("k", b"response-der", expires=until)
+    assert await store.get_revocation("k") == b"revoked-der"
+    await store.clear_revocation("k")
+    await store.clear_revocation("k")  # idempotent
+    assert await store.get_revocation("k") is None
+    assert await store.get("k") == b"response-der"
+    if kind == "file":
+        names = await asyncio.to_thread(lambda: sorted(p.name for p in tmp_path.iterdir()))
+        assert names == ["k.ocsp"]
+
+
+async def test_a_custom_store_keeps_revocations_across_a_restart(leaf, clock, responder) -> None:
+    store = DictStore()
+    handle = await restart_after_expiry(
+        leaf, clock, responder, store, x509.ReasonFlags.key_compromise
+    )
+    try:
+        assert handle.get_context() is None
+        assert isinstance(handle.last_error, staple.RevocationReversedError)
+    finally:
+        await handle.close()
