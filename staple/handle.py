@@ -8,7 +8,8 @@ never awaits, never does I/O, and returns ``None`` (with :attr:`last_error` sayi
 time-valid response is held.
 
 Where the rest lives: the contexts and their reference counts in
-:mod:`staple.response_context` (:class:`ContextRegistry`), the events in :mod:`staple.events`,
+:mod:`staple.response_context` (:class:`ContextHolder`, the handle's base class), the events
+in :mod:`staple.events`,
 every timing and stapling rule in :mod:`staple.policy`, what makes a response acceptable in
 :mod:`staple.ocsp`.
 
@@ -577,15 +578,21 @@ class ServerOcspResponse(ContextHolder):
             store, "persist the response to", who, store.put(key, der, expires=verified.expires)
         )
         if verified.cert_status is ocsp.CertStatus.REVOKED:
-            self._revoked = verified
-            until = self.cert.not_valid_after_utc
-            await write_quietly(
-                store, "record the revocation in", who, store.put_revocation(key, der, until=until)
-            )
+            await self._record_revocation(verified)
         elif lifts is not None and lifts.cert_status is ocsp.CertStatus.REVOKED:
             await write_quietly(
                 store, "clear the lifted revocation from", who, store.clear_revocation(key)
             )
+
+    async def _record_revocation(self, verified: ocsp.VerifiedResponse) -> None:
+        """Keep ``verified`` (revoked) as the rollback base and record it in the store until
+        the certificate's notAfter, unless that very record is there. Never raises."""
+        if self._revoked is not None and self._revoked.der == verified.der:
+            return
+        self._revoked = verified
+        key, until = self.cert_id.key, self.cert.not_valid_after_utc
+        record = self.store.put_revocation(key, verified.der, until=until)
+        await write_quietly(self.store, "record the revocation in", self.subject, record)
 
     async def _load_from_store(self, events: _Events) -> bool:
         """Adopt what the store holds if it is valid and newer; never trust it blindly.
@@ -607,6 +614,8 @@ class ServerOcspResponse(ContextHolder):
             )
             return False
         self._install(verified)
+        if verified.cert_status is ocsp.CertStatus.REVOKED:  # stored, maybe never recorded
+            await self._record_revocation(verified)
         events.append(Event.installed(self, verified, source=repr(self.store), loaded=True))
         return True
 

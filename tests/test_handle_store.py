@@ -22,7 +22,7 @@ from cryptography import x509
 
 import staple
 from staple import EventKind, RefreshPolicy
-from staple.testing import FakeClock, OcspResponder, TestPKI
+from staple.testing import FakeClock, Fault, OcspResponder, TestPKI
 
 POLICY = RefreshPolicy(jitter=0.0, wait_timeout=5.0, fetch_timeout=5.0)
 DAY = 86400.0
@@ -302,3 +302,21 @@ async def test_a_custom_store_keeps_revocations_across_a_restart(leaf, clock, re
         assert isinstance(handle.last_error, staple.RevocationReversedError)
     finally:
         await handle.close()
+
+
+async def test_a_stored_revoked_response_without_a_record_gets_one(leaf, clock, responder) -> None:
+    """A store filled before revocations were recorded: loading its revoked response records
+    it, so it outlives the response from then on."""
+    responder.revoke(leaf)
+    store = staple.MemoryStore()
+    first = await open_handle(leaf, clock, store=store)
+    key = first.cert_id.key
+    await first.close()
+    bare = staple.MemoryStore()
+    stored = await store.get(key)
+    assert stored is not None
+    await bare.put(key, stored, expires=clock.now())
+    responder.fault = Fault.DOWN  # only the store can tell
+    async with await open_handle(leaf, clock, store=bare) as handle:
+        assert handle.response is not None and handle.response.der == stored
+        assert await bare.get_revocation(key) == stored
