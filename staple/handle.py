@@ -99,7 +99,11 @@ _Events = list[Event]  # reported once the attempt's lock is released
 
 
 class ServerOcspResponse(ContextHolder):
-    """The handle for one certificate chain. Create with :func:`open_server_ocsp_response`."""
+    """The handle for one certificate chain. Create with :func:`open_server_ocsp_response`.
+
+    :meth:`get_context` (no I/O, no await, no lock), :attr:`live_contexts` and
+    :attr:`live_references` come from :class:`~staple.response_context.ContextHolder`.
+    """
 
     # A server may hold 10,000 of these: slots keep each one small (past 30 attributes CPython
     # stops sharing instance-dict keys, and every handle would carry a private dict).
@@ -200,7 +204,7 @@ class ServerOcspResponse(ContextHolder):
         # wait_timeout runs from there, not while the fetch queues behind thousands of others.
         self._first_slot: asyncio.Future[None] | None = loop.create_future()
 
-    # -- the getter: no I/O, no await, no lock ---------------------------------------------
+    # -- what it holds (the getter, get_context(), and the counts are ContextHolder's) -----
 
     @property
     def state(self) -> HandleState:
