@@ -107,43 +107,19 @@ class ServerOcspResponse(ContextHolder):
 
     # A server may hold 10,000 of these: slots keep each one small (past 30 attributes CPython
     # stops sharing instance-dict keys, and every handle would carry a private dict).
-    __slots__ = (
-        "__weakref__",
-        "_clock",
-        "_closed",
-        "_expired_reported",
-        "_fetch_slots",
-        "_first_outcome",
-        "_first_slot",
-        "_fresh_until",
-        "_inflight",
+    __slots__ = (  # noqa: RUF023 - grouped by concern, not sorted
+        # what it serves: the chain, its CertID and request, where it asks and what it keeps
+        "chain", "cert", "issuer", "cert_id", "subject", "must_staple", "urls", "store",
+        "policy", "_request", "_session", "_owns_session", "_fetch_slots", "_clock",
         "_on_update",
-        "_owns_session",
-        "_poked",
-        "_rejected_der",
-        "_request",
-        "_response",
-        "_revoked",
-        "_scheduled_at",
-        "_session",
-        "_sleeping",
-        "_state",
-        "_store_changed",
-        "_task",
-        "_unwatch",
-        "cert",
-        "cert_id",
-        "chain",
-        "failures",
-        "issuer",
-        "last_error",
-        "must_staple",
-        "next_refresh",
-        "policy",
-        "store",
-        "subject",
-        "urls",
-    )
+        # what it knows (the contexts it hands out are ContextHolder's)
+        "_response", "_revoked", "_rejected_der", "last_error", "_expired_reported",
+        # when it acts next
+        "failures", "next_refresh", "_scheduled_at", "_fresh_until",
+        # its lifecycle, the refresher's sleep and wake-ups, the attempt in flight
+        "_state", "_task", "_closed", "_sleeping", "_poked", "_store_changed", "_unwatch",
+        "_inflight", "_first_outcome", "_first_slot", "__weakref__",
+    )  # fmt: skip
 
     def __init__(
         self,
