@@ -33,7 +33,8 @@ from .errors import (
     UnknownStatusError,
     ValidationError,
 )
-from .handle import Event, EventKind, HandleState, ServerOcspResponse, open_server_ocsp_response
+from .events import Event, EventKind
+from .handle import HandleState, ServerOcspResponse, open_server_ocsp_response
 from .ocsp import CertId, CertStatus, VerifiedResponse
 from .policy import RefreshPolicy
 from .response_context import OcspResponseContext

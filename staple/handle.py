@@ -7,10 +7,25 @@ persists, and swaps a new immutable :class:`OcspResponseContext` in. The getter,
 never awaits, never does I/O, and returns ``None`` (with :attr:`last_error` saying why) when no
 time-valid response is held.
 
+Where the rest lives: the contexts and their reference counts in
+:mod:`staple.response_context` (:class:`ContextHolder`, the handle's base class), the events
+in :mod:`staple.events`,
+every timing and stapling rule in :mod:`staple.policy`, what makes a response acceptable in
+:mod:`staple.ocsp`.
+
 Lifecycle (one ``_set_state`` changes it; illegal moves raise)::
 
     OPENING --start--> RUNNING --close()--> CLOSING ---> CLOSED
        └------------------close()-------------┘
+
+One refresh attempt (:meth:`ServerOcspResponse._attempt`), in this order:
+
+1. adopt what the store holds if a fleet member stored something newer, and stop there if that
+   moved the next refresh past now (no fetch slot, no lock);
+2. take a local fetch slot (``fetch_slots``), queueing behind other handles;
+3. only then take the store's fleet lock, so queueing never eats the lock's TTL; under it look
+   at the store again, fetch, validate, install and persist;
+4. release the lock, then report events: ``on_update`` is user code and never runs under it.
 """
 
 from __future__ import annotations
@@ -18,11 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import inspect
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 
@@ -30,7 +43,7 @@ import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from . import ocsp
+from . import ocsp, policy
 from .chain import ChainInput, ca_issuers_urls, load_chain, must_staple, ocsp_urls
 from .clock import Clock, SystemClock, to_datetime
 from .errors import (
@@ -46,15 +59,18 @@ from .errors import (
     UnknownStatusError,
     ValidationError,
 )
+from .events import Event, EventKind, OnUpdate, emit
 from .fetch import fetch_issuer, fetch_response
-from .policy import RefreshPolicy, http_fresh_until, next_refresh, retry_delay
-from .response_context import OcspResponseContext
-from .store import MemoryStore, Store
+from .policy import RefreshPolicy
+from .response_context import ContextHolder, OcspResponseContext
+from .store import MemoryStore, Store, read_quietly, write_quietly
 
 __all__ = [
     "Event",
     "EventKind",
     "HandleState",
+    "OnUpdate",
+    "ResponderUrls",
     "ServerOcspResponse",
     "open_server_ocsp_response",
 ]
@@ -78,114 +94,32 @@ _TRANSITIONS: dict[HandleState, frozenset[HandleState]] = {
     HandleState.CLOSED: frozenset(),
 }
 
-
-class EventKind(enum.Enum):
-    LOADED = "loaded"
-    """A response from the store passed validation and is being stapled."""
-    FETCHED = "fetched"
-    """A fresh good response from the responder is being stapled."""
-    REVOKED = "revoked"
-    """The responder says the certificate is revoked (stapled unless the policy withholds)."""
-    UNKNOWN = "unknown"
-    """The responder does not know the certificate; nothing new is stapled."""
-    FAILED = "failed"
-    """A refresh failed (network, HTTP, invalid or older response); the last good one stays."""
-    REJECTED = "rejected"
-    """What the store held failed validation (corrupt, foreign, expired) and was ignored."""
-    EXPIRED = "expired"
-    """The held response reached its margin: nothing is stapled until a refresh succeeds."""
-    CLOSED = "closed"
-
-
-_LOG_LEVELS = {
-    EventKind.LOADED: logging.INFO,
-    EventKind.FETCHED: logging.INFO,
-    EventKind.REVOKED: logging.ERROR,
-    EventKind.UNKNOWN: logging.WARNING,
-    EventKind.FAILED: logging.WARNING,
-    EventKind.REJECTED: logging.WARNING,
-    EventKind.EXPIRED: logging.ERROR,
-    EventKind.CLOSED: logging.DEBUG,
-}
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Event:
-    """What happened to a handle; passed to ``on_update`` and logged on ``staple``."""
-
-    kind: EventKind
-    handle: ServerOcspResponse
-    subject: str
-    response: ocsp.VerifiedResponse | None = None
-    error: OcspError | None = None
-    source: str | None = None
-    next_refresh: datetime | None = None
-
-    def __str__(self) -> str:
-        parts = [f"{self.kind.value}: {self.subject}"]
-        if self.response is not None:
-            r = self.response
-            parts.append(
-                f"status {r.cert_status.name.lower()}, thisUpdate {r.this_update.isoformat()}, "
-                f"nextUpdate {r.next_update.isoformat()}"
-            )
-        if self.source:
-            parts.append(f"from {self.source}")
-        if self.error is not None:
-            parts.append(f"reason: {self.error.reason}")
-        if self.next_refresh is not None:
-            parts.append(f"next attempt {self.next_refresh.isoformat()}")
-        return "; ".join(parts)
-
-
-OnUpdate = Callable[[Event], Awaitable[None] | None]
 ResponderUrls = Sequence[str] | Mapping[str, str]
+_Events = list[Event]  # reported once the attempt's lock is released
 
 
-class ServerOcspResponse:
-    """The handle for one certificate chain. Create with :func:`open_server_ocsp_response`."""
+class ServerOcspResponse(ContextHolder):
+    """The handle for one certificate chain. Create with :func:`open_server_ocsp_response`.
+
+    :meth:`get_context` (no I/O, no await, no lock), :attr:`live_contexts` and
+    :attr:`live_references` come from :class:`~staple.response_context.ContextHolder`.
+    """
 
     # A server may hold 10,000 of these: slots keep each one small (past 30 attributes CPython
     # stops sharing instance-dict keys, and every handle would carry a private dict).
-    __slots__ = (
-        "__weakref__",
-        "_clock",
-        "_closed",
-        "_current",
-        "_expired_reported",
-        "_fetch_slots",
-        "_first_outcome",
-        "_first_slot",
-        "_fresh_until",
-        "_inflight",
-        "_live_contexts",
+    __slots__ = (  # noqa: RUF023 - grouped by concern, not sorted
+        # what it serves: the chain, its CertID and request, where it asks and what it keeps
+        "chain", "cert", "issuer", "cert_id", "subject", "must_staple", "urls", "store",
+        "policy", "_request", "_session", "_owns_session", "_fetch_slots", "_clock",
         "_on_update",
-        "_owns_session",
-        "_poked",
-        "_rejected_der",
-        "_request",
-        "_response",
-        "_scheduled_at",
-        "_session",
-        "_sleeping",
-        "_state",
-        "_store_changed",
-        "_task",
-        "_time",
-        "_unwatch",
-        "cert",
-        "cert_id",
-        "chain",
-        "failures",
-        "issuer",
-        "last_error",
-        "must_staple",
-        "next_refresh",
-        "policy",
-        "store",
-        "subject",
-        "urls",
-    )
+        # what it knows (the contexts it hands out are ContextHolder's)
+        "_response", "_revoked", "_rejected_der", "last_error", "_expired_reported",
+        # when it acts next
+        "failures", "next_refresh", "_scheduled_at", "_fresh_until",
+        # its lifecycle, the refresher's sleep and wake-ups, the attempt in flight
+        "_state", "_task", "_closed", "_sleeping", "_poked", "_store_changed", "_unwatch",
+        "_inflight", "_first_outcome", "_first_slot", "__weakref__",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -216,13 +150,12 @@ class ServerOcspResponse:
         self._fetch_slots = fetch_slots
         self._owns_session = owns_session
         self._clock = clock
-        self._time = clock.time  # bound once: get_context() is the hot path
+        super().__init__(clock.time)  # bound once: get_context() is the hot path
         self._on_update = on_update
         self._state = HandleState.OPENING
 
-        self._current: OcspResponseContext | None = None  # what get_context() hands out
         self._response: ocsp.VerifiedResponse | None = None  # newest verified (rollback base)
-        self._live_contexts: set[OcspResponseContext] = set()
+        self._revoked: ocsp.VerifiedResponse | None = None  # a recorded revocation (store)
         self.last_error: OcspError | None = ResponseUnavailableError(
             "no response fetched yet", subject=self.subject
         )
@@ -247,23 +180,7 @@ class ServerOcspResponse:
         # wait_timeout runs from there, not while the fetch queues behind thousands of others.
         self._first_slot: asyncio.Future[None] | None = loop.create_future()
 
-    # -- the getter: no I/O, no await, no lock ---------------------------------------------
-
-    def get_context(self) -> OcspResponseContext | None:
-        """A new reference to the current time-valid context, or ``None`` (see
-        :attr:`last_error`). Synchronous and I/O-free; call ``free()`` on what it returns."""
-        ctx = self._current
-        if ctx is not None and self._time() < ctx._stop_at:
-            ctx._refs += 1
-            return ctx
-        if ctx is not None and self._current is ctx:  # stale; the refresher hasn't noticed
-            self._retire_current(
-                ExpiredResponseError(
-                    f"held response expires {ctx.expires.isoformat()}, within the margin",
-                    subject=self.subject,
-                )
-            )
-        return None
+    # -- what it holds (the getter, get_context(), and the counts are ContextHolder's) -----
 
     @property
     def state(self) -> HandleState:
@@ -274,27 +191,21 @@ class ServerOcspResponse:
         """The newest verified response, stapled or not (e.g. a withheld revocation)."""
         return self._response
 
-    @property
-    def live_references(self) -> int:
-        """References handed out and not yet freed, over all of this handle's contexts."""
-        # list(): a snapshot taken under the GIL, since free() may run on another thread
-        # (weakref.finalize in a threaded TLS server) and shrink the set meanwhile.
-        return sum(ctx._refs for ctx in list(self._live_contexts))
-
-    @property
-    def live_contexts(self) -> int:
-        """Contexts alive: the current one plus replaced ones still referenced."""
-        return len(self._live_contexts)
-
     # -- lifecycle -------------------------------------------------------------------------
 
     def _set_state(self, new: HandleState) -> None:
+        """The one place the state changes. Raises ``RuntimeError`` for an illegal move."""
         if new not in _TRANSITIONS[self._state]:
             raise RuntimeError(f"illegal handle state change {self._state.name} -> {new.name}")
         self._state = new
 
     async def _start(self, *, wait: bool) -> None:
-        await self._load_from_store()
+        """Load the store, start the refresher (OPENING → RUNNING) and, with ``wait``, wait
+        (bounded) for the first attempt. Raises only what the store's ``watch`` raises."""
+        events: _Events = []
+        await self._load_revocation(events)
+        await self._load_from_store(events)
+        await self._emit_all(events)
         self._unwatch = self.store.watch(self.cert_id.key, self._on_store_changed)
         self._set_state(HandleState.RUNNING)
         self._task = asyncio.create_task(self._run(), name=f"staple refresher {self.subject}")
@@ -319,8 +230,8 @@ class ServerOcspResponse:
             )
 
     async def refresh(self) -> None:
-        """Fetch now. Raises the :class:`OcspError` if this attempt failed; the handle keeps
-        stapling the previous response either way."""
+        """Fetch now. Raises :class:`ClosedError` unless RUNNING, and the :class:`OcspError`
+        if this attempt failed; the handle keeps stapling the previous response either way."""
         if self._state is not HandleState.RUNNING:
             raise ClosedError(f"handle is {self._state.value}", subject=self.subject)
         error = await self._refresh_once(force=True)
@@ -339,8 +250,8 @@ class ServerOcspResponse:
         self._poke()
 
     async def close(self) -> None:
-        """Stop the refresher. Contexts already handed out stay valid until freed.
-        Idempotent; concurrent callers all return once it is closed."""
+        """Stop the refresher (→ CLOSING → CLOSED). Contexts already handed out stay valid
+        until freed. Idempotent; concurrent callers all return once it is closed."""
         if self._closed is not None:
             await asyncio.shield(self._closed)
             return
@@ -356,10 +267,10 @@ class ServerOcspResponse:
             await asyncio.wait(tasks)
         if self._owns_session:
             await self._session.close()
-        self._retire_current(ClosedError("handle closed", subject=self.subject))
+        self._retire(ClosedError("handle closed", subject=self.subject))
         self._set_state(HandleState.CLOSED)
         self._closed.set_result(None)
-        await self._emit(Event(kind=EventKind.CLOSED, handle=self, subject=self.subject))
+        await self._emit(Event.about(self, EventKind.CLOSED))
 
     async def __aenter__(self) -> ServerOcspResponse:
         return self
@@ -373,7 +284,8 @@ class ServerOcspResponse:
         await self.close()
 
     def __repr__(self) -> str:
-        status = self._current.cert_status.name.lower() if self._current else "none"
+        ctx = self._current
+        status = ctx.cert_status.name.lower() if ctx else "none"
         return f"<ServerOcspResponse {self.subject} {self._state.value} stapling={status}>"
 
     # -- the refresher ---------------------------------------------------------------------
@@ -391,10 +303,7 @@ class ServerOcspResponse:
             await self._sleep(self._next_wakeup())
             if self._store_changed:  # a fleet member fetched: adopt its response, no fetch
                 self._store_changed = False
-                try:
-                    await self._load_from_store()
-                except Exception:  # a bug must not stop the refresher
-                    log.exception("%s: unexpected error adopting from the store", self.subject)
+                await self._adopt_notified()
             await self._check_expiry()
             if self._clock_went_back():
                 log.warning("%s: the wall clock went back; refreshing now", self.subject)
@@ -402,12 +311,24 @@ class ServerOcspResponse:
             if self.next_refresh is not None and self._now() >= self.next_refresh:
                 await self._guarded_refresh()
 
+    async def _adopt_notified(self) -> None:
+        """Adopt the response a fleet member just stored. Never raises (but cancellation)."""
+        events: _Events = []
+        try:
+            await self._load_from_store(events)
+        except Exception:  # a bug must not stop the refresher
+            log.exception("%s: unexpected error adopting from the store", self.subject)
+        await self._emit_all(events)
+
     async def _guarded_refresh(self) -> None:
+        """A scheduled attempt. Never raises (but cancellation): the refresher never dies."""
         try:
             await self._refresh_once()
         except Exception as exc:  # a bug here must not kill stapling for good
             log.exception("%s: unexpected error in the refresher", self.subject)
-            await self._failed([OcspError(f"internal error: {exc!r}", subject=self.subject)])
+            events: _Events = []
+            self._failed([OcspError(f"internal error: {exc!r}", subject=self.subject)], events)
+            await self._emit_all(events)
 
     def _schedule(self, when: datetime, *, now: datetime) -> None:
         self.next_refresh = when
@@ -421,8 +342,9 @@ class ServerOcspResponse:
     def _next_wakeup(self) -> float:
         assert self.next_refresh is not None
         wake = self.next_refresh.timestamp()
-        if self._current is not None:
-            wake = min(wake, self._current._stop_at)
+        ctx = self._current
+        if ctx is not None:
+            wake = min(wake, ctx.stop_at)
         return wake
 
     async def _sleep(self, deadline: float) -> None:
@@ -448,35 +370,11 @@ class ServerOcspResponse:
     async def _check_expiry(self) -> None:
         """Retire the held response at its stop moment and say so, once per expiry."""
         ctx = self._current
-        if ctx is not None and self._time() >= ctx._stop_at:
-            self._retire_current(
-                ExpiredResponseError(
-                    f"held response expires {ctx.expires.isoformat()}, within the margin; "
-                    "no fresher response could be fetched",
-                    subject=self.subject,
-                )
-            )
+        if ctx is not None and self._time() >= ctx.stop_at:
+            self._stale(ctx, "; no fresher response could be fetched")
         if isinstance(self.last_error, ExpiredResponseError) and not self._expired_reported:
             self._expired_reported = True
-            await self._emit(
-                Event(
-                    kind=EventKind.EXPIRED,
-                    handle=self,
-                    subject=self.subject,
-                    error=self.last_error,
-                    next_refresh=self.next_refresh,
-                )
-            )
-
-    def _retire_current(self, reason: OcspError) -> None:
-        """Stop handing out the current context (expired, closed, withheld)."""
-        ctx, self._current = self._current, None
-        self.last_error = reason
-        if ctx is None:
-            return
-        ctx._current = False
-        if ctx._refs == 0:
-            self._live_contexts.discard(ctx)
+            await self._emit(Event.about(self, EventKind.EXPIRED, error=self.last_error))
 
     async def _refresh_once(self, *, force: bool = False) -> OcspError | None:
         """One refresh attempt; concurrent callers share it. Returns the error, if any.
@@ -504,6 +402,11 @@ class ServerOcspResponse:
                 return ClosedError("handle closed during refresh", subject=self.subject)
             raise
 
+    def _slot_taken(self) -> None:
+        """The first attempt holds a fetch slot: the opener's wait_timeout starts now."""
+        if self._first_slot is not None and not self._first_slot.done():
+            self._first_slot.set_result(None)
+
     def _settle_first(self) -> None:
         """Release an opener waiting for the first attempt (its slot, its outcome)."""
         for first in (self._first_outcome, self._first_slot):
@@ -520,65 +423,93 @@ class ServerOcspResponse:
             attempt.exception()
 
     async def _attempt(self, *, force: bool) -> OcspError | None:
-        ttl = self.policy.fetch_timeout * max(len(self.urls), 1) + 5
-        async with self.store.lock(self.cert_id.key, ttl=ttl) as granted:
-            # A fleet member may already have stored a newer response: adopt it, and skip the
-            # fetch if that made the next refresh due later.
-            adopted = await self._load_from_store()
-            if adopted and not force and self._now() < self._due():
-                return None
-            if not granted:  # another server is fetching for us all: look again shortly
-                now = self._now()
-                self._schedule(now + timedelta(seconds=min(ttl, 10.0)), now=now)
-                return None
-            errors: list[OcspError] = []
-            for url in self.urls:
-                try:
-                    # The timeout starts once a fetch slot is ours: queueing behind other
-                    # handles (thousands refreshing at once) is not the responder's slowness.
-                    async with self._fetch_slots or contextlib.nullcontext():
-                        if self._first_slot is not None and not self._first_slot.done():
-                            self._first_slot.set_result(None)
-                        fetched = await fetch_response(
-                            self._session,
-                            url,
-                            self._request,
-                            timeout=self.policy.fetch_timeout,
-                            connect_timeout=self.policy.connect_timeout,
-                            max_size=self.policy.max_response_size,
-                            subject=self.subject,
-                        )
-                    now = self._now()
-                    verified = ocsp.validate(
-                        fetched.der,
-                        self.cert,
-                        self.issuer,
-                        now=now,
-                        skew=self.policy.skew,
-                        margin=self.policy.margin,
-                        current=self._response,
-                        expected=self.cert_id,
-                        subject=self.subject,
-                        issuer_checked=True,  # at open; the pair never changes
-                    )
-                except (FetchError, ValidationError) as exc:
-                    errors.append(exc)
-                    continue
-                self._fresh_until = http_fresh_until(fetched.headers, now)
-                self._install(verified, source=url)
-                await self._persist(verified)
-                await self._report_installed(verified, source=url, loaded=False)
-                return None
-        return await self._failed(errors)
+        """One refresh attempt (see the module docstring for its order). Returns the error,
+        if it failed; events are reported after the fleet lock is released."""
+        events: _Events = []
+        error = await self._attempt_quietly(force, events)
+        await self._emit_all(events)
+        return error
 
-    def _install(self, verified: ocsp.VerifiedResponse, *, source: str) -> None:
-        """Swap the new response in (atomically, as far as the getter can tell)."""
+    async def _attempt_quietly(self, force: bool, events: _Events) -> OcspError | None:
+        if await self._adopted_instead(force, events):
+            return None
+        async with self._fetch_slots or contextlib.nullcontext():
+            self._slot_taken()
+            ttl = policy.fetch_lock_ttl(self.policy, len(self.urls))
+            async with self.store.lock(self.cert_id.key, ttl=ttl) as granted:
+                # While we queued, the lock's last holder may have stored a response for us.
+                await self._load_revocation(events)
+                if await self._adopted_instead(force, events):
+                    return None
+                if not granted:  # another server is fetching for us all: look again shortly
+                    now = self._now()
+                    self._schedule(now + policy.look_again_after(ttl), now=now)
+                    return None
+                errors = await self._fetch_install_persist(events)
+        return None if errors is None else self._failed(errors, events)
+
+    async def _adopted_instead(self, force: bool, events: _Events) -> bool:
+        """Adopt what the store holds; whether that makes a fetch needless now."""
+        adopted = await self._load_from_store(events)
+        return policy.skip_fetch_after_adopting(
+            adopted=adopted, force=force, now=self._now(), due=self.next_refresh
+        )
+
+    async def _fetch_install_persist(self, events: _Events) -> list[OcspError] | None:
+        """Ask each responder URL in order until one gives a valid response; install and
+        persist it. Returns ``None`` on success, else each URL's error."""
+        errors: list[OcspError] = []
+        for url in self.urls:
+            try:
+                fetched = await fetch_response(
+                    self._session,
+                    url,
+                    self._request,
+                    timeout=self.policy.fetch_timeout,
+                    connect_timeout=self.policy.connect_timeout,
+                    max_size=self.policy.max_response_size,
+                    subject=self.subject,
+                )
+                now = self._now()
+                verified = self._validate(fetched.der, now=now)
+            except (FetchError, ValidationError) as exc:
+                errors.append(exc)
+                continue
+            base = policy.rollback_base(self._response, self._revoked)
+            self._fresh_until = policy.http_fresh_until(fetched.headers, now)
+            self._install(verified)
+            await self._persist(verified, lifts=base)
+            events.append(Event.installed(self, verified, source=url, loaded=False))
+            return None
+        return errors
+
+    def _validate(self, der: bytes, *, now: datetime) -> ocsp.VerifiedResponse:
+        """:func:`staple.ocsp.validate` for this pair against what we hold (rollback, and
+        revocation sticks). Raises its :class:`ValidationError`."""
+        return ocsp.validate(
+            der,
+            self.cert,
+            self.issuer,
+            now=now,
+            skew=self.policy.skew,
+            margin=self.policy.margin,
+            current=policy.rollback_base(self._response, self._revoked),
+            expected=self.cert_id,
+            subject=self.subject,
+            issuer_checked=True,  # at open; the pair never changes
+        )
+
+    def _install(self, verified: ocsp.VerifiedResponse) -> None:
+        """Swap the new response in (atomically, as far as the getter can tell) and schedule
+        its successor; a response the policy withholds retires the current context instead."""
         now = self._now()
         self._response = verified
+        if verified.cert_status is not ocsp.CertStatus.REVOKED:
+            self._revoked = None  # validation let it past: a certificateHold was lifted
         self.failures = 0
         self._expired_reported = False
         self._schedule(
-            next_refresh(
+            policy.next_refresh(
                 verified,
                 now=now,
                 policy=self.policy,
@@ -587,140 +518,153 @@ class ServerOcspResponse:
             ),
             now=now,
         )
-        if verified.cert_status is ocsp.CertStatus.REVOKED and not self.policy.staple_revoked:
-            self._retire_current(
+        if policy.withholds(verified, self.policy):
+            self._retire(
                 CertificateRevokedError(
                     "certificate is revoked; the policy withholds revoked responses",
                     subject=self.subject,
                 )
             )
             return
-        stop_at = (verified.expires - self.policy.margin).timestamp()
-        new = OcspResponseContext(verified, self, stop_at)
-        old, self._current = self._current, new
-        self._live_contexts.add(new)
+        stop_at = policy.stop_stapling_at(verified, self.policy).timestamp()
+        self._install_context(verified, stop_at=stop_at)
         self.last_error = None
-        if old is not None:
-            old._current = False
-            if old._refs == 0:
-                self._live_contexts.discard(old)
 
-    async def _persist(self, verified: ocsp.VerifiedResponse) -> None:
-        try:
-            await self.store.put(self.cert_id.key, verified.der, expires=verified.expires)
-        except Exception as exc:  # a full or read-only disk must not stop stapling
-            log.warning(
-                "%s: could not persist the response to %r (%s); serving from memory",
-                self.subject,
-                self.store,
-                exc,
+    def _retire(self, reason: OcspError) -> None:
+        """Stop handing out the current context (expired, closed, withheld), saying why."""
+        self._retire_context()
+        self.last_error = reason
+
+    def _stale(self, ctx: OcspResponseContext, why: str = "") -> None:
+        """Retire the current context, past its stop moment: :class:`ExpiredResponseError`."""
+        self._retire(
+            ExpiredResponseError(
+                f"held response expires {ctx.expires.isoformat()}, within the margin{why}",
+                subject=self.subject,
+            )
+        )
+
+    # -- the store: never trusted, never fatal ---------------------------------------------
+
+    async def _persist(
+        self, verified: ocsp.VerifiedResponse, *, lifts: ocsp.VerifiedResponse | None
+    ) -> None:
+        """Store the response; record a revocation until the certificate's notAfter, or
+        clear the record when ``verified`` is good after a revoked ``lifts`` (a lifted
+        certificateHold). A failing store is logged and costs only persistence: never raises
+        (but cancellation)."""
+        key, der, store, who = self.cert_id.key, verified.der, self.store, self.subject
+        await write_quietly(
+            store, "persist the response to", who, store.put(key, der, expires=verified.expires)
+        )
+        if verified.cert_status is ocsp.CertStatus.REVOKED:
+            await self._record_revocation(verified)
+        elif lifts is not None and lifts.cert_status is ocsp.CertStatus.REVOKED:
+            await write_quietly(
+                store, "clear the lifted revocation from", who, store.clear_revocation(key)
             )
 
-    def _due(self) -> datetime:
-        assert self.next_refresh is not None
-        return self.next_refresh
+    async def _record_revocation(self, verified: ocsp.VerifiedResponse) -> None:
+        """Keep ``verified`` (revoked) as the rollback base and record it in the store until
+        the certificate's notAfter, unless that very record is there. Never raises."""
+        if self._revoked is not None and self._revoked.der == verified.der:
+            return
+        self._revoked = verified
+        key, until = self.cert_id.key, self.cert.not_valid_after_utc
+        record = self.store.put_revocation(key, verified.der, until=until)
+        await write_quietly(self.store, "record the revocation in", self.subject, record)
 
-    async def _load_from_store(self) -> bool:
+    async def _load_from_store(self, events: _Events) -> bool:
         """Adopt what the store holds if it is valid and newer; never trust it blindly.
-        Returns whether a response was adopted."""
-        try:
-            der = await self.store.get(self.cert_id.key)
-        except Exception as exc:
-            log.warning("%s: could not read %r (%s)", self.subject, self.store, exc)
-            return False
+        Returns whether a response was adopted; what it refused is a REJECTED event."""
+        store = self.store
+        der = await read_quietly(store, "the response", self.subject, store.get(self.cert_id.key))
         if der is None or der == self._rejected_der:
             return False  # nothing stored, or the same bad bytes we already reported
         if self._response is not None and der == self._response.der:
             return False
         try:
-            verified = ocsp.validate(
-                der,
-                self.cert,
-                self.issuer,
-                now=self._now(),
-                skew=self.policy.skew,
-                margin=self.policy.margin,
-                current=self._response,
-                expected=self.cert_id,
-                subject=self.subject,
-                issuer_checked=True,
-            )
-        except Exception as exc:  # never trust the store: anything unreadable is rejected
-            if not isinstance(exc, ValidationError):
-                exc = BadResponseError(
-                    f"unreadable stored response ({exc!r})", subject=self.subject
-                )
+            verified = self._validate(der, now=self._now())
+        except Exception as exc:
             self._rejected_der = der
-            await self._emit(
-                Event(
-                    kind=EventKind.REJECTED,
-                    handle=self,
-                    subject=self.subject,
-                    error=exc,
-                    source=repr(self.store),
+            events.append(
+                Event.about(
+                    self, EventKind.REJECTED, error=self._store_error(exc), source=repr(self.store)
                 )
             )
             return False
-        self._install(verified, source=repr(self.store))
-        await self._report_installed(verified, source=repr(self.store), loaded=True)
+        self._install(verified)
+        if verified.cert_status is ocsp.CertStatus.REVOKED:  # stored, maybe never recorded
+            await self._record_revocation(verified)
+        events.append(Event.installed(self, verified, source=repr(self.store), loaded=True))
         return True
 
-    async def _report_installed(
-        self, verified: ocsp.VerifiedResponse, *, source: str, loaded: bool
-    ) -> None:
-        if verified.cert_status is ocsp.CertStatus.REVOKED:
-            kind = EventKind.REVOKED
-        else:
-            kind = EventKind.LOADED if loaded else EventKind.FETCHED
-        await self._emit(
-            Event(
-                kind=kind,
-                handle=self,
+    async def _load_revocation(self, events: _Events) -> None:
+        """Read the revocation the store recorded (by an earlier run, or another server) so
+        that a responder saying 'good' again is refused; see :func:`policy.revocation_record`.
+        A record that does not verify is a REJECTED event and ignored."""
+        store, key = self.store, self.cert_id.key
+        der = await read_quietly(store, "the revocation", self.subject, store.get_revocation(key))
+        if der is None or (self._revoked is not None and der == self._revoked.der):
+            return
+        try:
+            self._revoked = policy.revocation_record(
+                der,
+                self.cert,
+                self.issuer,
+                self.policy,
+                expected=self.cert_id,
                 subject=self.subject,
-                response=verified,
-                source=source,
-                next_refresh=self.next_refresh,
             )
-        )
+        except Exception as exc:
+            source = f"{self.store!r} (revocation record)"
+            events.append(
+                Event.about(self, EventKind.REJECTED, error=self._store_error(exc), source=source)
+            )
 
-    async def _failed(self, errors: list[OcspError]) -> OcspError:
-        self.failures += 1
-        now = self._now()
-        held = self._current.response if self._current is not None else None
-        delay = retry_delay(
-            self.failures, now=now, policy=self.policy, held=held, rand=random.random()
-        )
-        self._schedule(now + delay, now=now)
-        # With several responder URLs, the last one's reason is reported; each was logged.
-        for e in errors[:-1]:
-            log.debug("%s", e)
-        error = errors[-1] if errors else NoResponderError("no responder URL", subject=self.subject)
-        if self._current is None:
-            self.last_error = error
-        unknown = any(isinstance(e, UnknownStatusError) for e in errors)
-        await self._emit(
-            Event(
-                kind=EventKind.UNKNOWN if unknown else EventKind.FAILED,
-                handle=self,
-                subject=self.subject,
-                error=error,
-                next_refresh=self.next_refresh,
-            )
-        )
-        return error
+    def _store_error(self, exc: Exception) -> OcspError:
+        """What to report for stored bytes that could not be validated. A validation error
+        or a parsing ``ValueError`` is the bytes' fault; anything else is a bug (in a custom
+        store, or ours), logged with its traceback, and the bytes are refused all the same."""
+        if isinstance(exc, OcspError):
+            return exc
+        if not isinstance(exc, ValueError):
+            log.error("%s: unexpected error validating stored bytes", self.subject, exc_info=exc)
+        return BadResponseError(f"unreadable stored response ({exc!r})", subject=self.subject)
 
     # -- events ----------------------------------------------------------------------------
 
+    def _failed(self, errors: list[OcspError], events: _Events) -> OcspError:
+        """Count a failed attempt, schedule the retry (backoff) and say why. Returns the
+        error to report: the last URL's (each other one is logged at debug level)."""
+        self.failures += 1
+        now = self._now()
+        ctx = self._current
+        delay = policy.retry_delay(
+            self.failures,
+            now=now,
+            policy=self.policy,
+            held=ctx.response if ctx is not None else None,
+            rand=random.random(),
+        )
+        self._schedule(now + delay, now=now)
+        for e in errors[:-1]:
+            log.debug("%s", e)
+        error = errors[-1] if errors else NoResponderError("no responder URL", subject=self.subject)
+        if ctx is None:
+            self.last_error = error
+        unknown = any(isinstance(e, UnknownStatusError) for e in errors)
+        events.append(
+            Event.about(self, EventKind.UNKNOWN if unknown else EventKind.FAILED, error=error)
+        )
+        return error
+
     async def _emit(self, event: Event) -> None:
-        log.log(_LOG_LEVELS[event.kind], "%s", event)
-        if self._on_update is None:
-            return
-        try:
-            result = self._on_update(event)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            log.exception("%s: on_update callback raised for %s", self.subject, event.kind.value)
+        await emit(event, self._on_update)
+
+    async def _emit_all(self, events: _Events) -> None:
+        for event in events:
+            await emit(event, self._on_update)
 
 
 async def open_server_ocsp_response(

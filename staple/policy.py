@@ -18,6 +18,16 @@ The rules, for a held response valid over [thisUpdate, expires):
   response must stop being stapled.
 - *Back off* after failures exponentially with full jitter (AWS architecture blog), capped so
   that at least ``retries_before_expiry`` retries still fit before the stop moment.
+
+And the stapling rules a handle applies around a refresh:
+
+- *Withhold revoked* responses only when the policy says so (:func:`withholds`).
+- *One fetch per fleet*: a response another server stored is adopted, and the fetch skipped,
+  unless the refresh is forced or still due (:func:`skip_fetch_after_adopting`); a server
+  denied the fleet's lock looks again a little later (:func:`look_again_after`).
+- *Revocation sticks*, across restarts too: a recorded revoked response is evidence as of
+  when it was signed (:func:`revocation_record`), and the validator refuses a ``good`` after
+  it as it does after a revoked response held in memory.
 """
 
 from __future__ import annotations
@@ -28,9 +38,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from .ocsp import DEFAULT_MARGIN, DEFAULT_SKEW, VerifiedResponse
+from cryptography import x509
+from cryptography.x509 import ocsp as x509_ocsp
 
-__all__ = ["RefreshPolicy", "http_fresh_until", "next_refresh", "retry_delay", "stop_stapling_at"]
+from .errors import BadResponseError
+from .ocsp import DEFAULT_MARGIN, DEFAULT_SKEW, CertId, CertStatus, VerifiedResponse, validate
+
+__all__ = [
+    "RefreshPolicy",
+    "fetch_lock_ttl",
+    "http_fresh_until",
+    "look_again_after",
+    "next_refresh",
+    "retry_delay",
+    "revocation_record",
+    "rollback_base",
+    "skip_fetch_after_adopting",
+    "stop_stapling_at",
+    "withholds",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,6 +106,88 @@ class RefreshPolicy:
 def stop_stapling_at(resp: VerifiedResponse, policy: RefreshPolicy) -> datetime:
     """The moment a held response stops being stapled: its expiry less the margin."""
     return resp.expires - policy.margin
+
+
+def withholds(resp: VerifiedResponse, policy: RefreshPolicy) -> bool:
+    """Whether ``resp`` must not be stapled: it says ``revoked`` and the policy withholds
+    revoked responses. By default they staple, since a client deserves the truth and a
+    withheld staple looks like a responder outage; a server that would rather fail closed on
+    its side (must-staple clients then refuse it) sets ``staple_revoked=False``."""
+    return resp.cert_status is CertStatus.REVOKED and not policy.staple_revoked
+
+
+def fetch_lock_ttl(policy: RefreshPolicy, urls: int) -> float:
+    """Seconds a fleet-wide fetch lock is held at most: every responder URL may take its whole
+    fetch timeout, plus a few seconds to validate and persist. Past it, a holder that died
+    mid-fetch stalls nobody: the lock expires and another server fetches."""
+    return policy.fetch_timeout * max(urls, 1) + 5
+
+
+def look_again_after(lock_ttl: float) -> timedelta:
+    """When a server denied the fleet's lock looks at the store again: the holder is fetching
+    for everyone, so its response should be there soon; no later than the lock's TTL (by then
+    the holder is done or dead) and no later than 10 s, so a fast fleet member's result is
+    adopted quickly even when the notice that it stored one is lost."""
+    return timedelta(seconds=min(lock_ttl, 10.0))
+
+
+def skip_fetch_after_adopting(
+    *, adopted: bool, force: bool, now: datetime, due: datetime | None
+) -> bool:
+    """Whether a refresh can stop at what the store held: a fleet member already stored a newer
+    response (``adopted``) and that moved the next refresh past ``now``. A forced refresh
+    (``handle.refresh()``) fetches anyway, since its caller asked the responder."""
+    return adopted and not force and due is not None and now < due
+
+
+def revocation_record(
+    der: bytes,
+    cert: x509.Certificate,
+    issuer: x509.Certificate,
+    policy: RefreshPolicy,
+    *,
+    expected: CertId | None = None,
+    subject: str | None = None,
+) -> VerifiedResponse:
+    """Verify a recorded revocation (:meth:`staple.Store.get_revocation`): the revoked
+    response, validated as of the moment its responder signed it (its producedAt).
+
+    A revocation is permanent (RFC 5280 §3.3, except certificateHold), so the evidence does
+    not expire with the response: held as ``current`` for :func:`staple.ocsp.validate`, it
+    makes a later ``good`` a :class:`~staple.RevocationReversedError` after any restart.
+    Everything else is checked as for a response (signature, signer, CertID), so a forged
+    record cannot make a certificate look revoked. Raises :class:`~staple.ValidationError`
+    (:class:`~staple.BadResponseError` for unreadable bytes or a record that is not revoked).
+    """
+    try:
+        signed_at = x509_ocsp.load_der_ocsp_response(der).produced_at_utc
+    except ValueError as exc:
+        raise BadResponseError(f"unreadable revocation record ({exc})", subject=subject) from None
+    verified = validate(
+        der,
+        cert,
+        issuer,
+        now=signed_at,
+        skew=policy.skew,
+        margin=timedelta(0),
+        expected=expected,
+        subject=subject,
+    )
+    if verified.cert_status is not CertStatus.REVOKED:
+        raise BadResponseError("revocation record is not a revoked response", subject=subject)
+    return verified
+
+
+def rollback_base(
+    held: VerifiedResponse | None, revoked: VerifiedResponse | None
+) -> VerifiedResponse | None:
+    """What a new response must not be older than, nor un-revoke: the newer of the response
+    ``held`` and the ``revoked`` one recorded in the store. After a restart only the record
+    may be there; in a fleet the record may be newer than what this server holds."""
+    if held is None or revoked is None:
+        return held or revoked
+    newer = (revoked.this_update, revoked.produced_at) > (held.this_update, held.produced_at)
+    return revoked if newer else held
 
 
 def next_refresh(

@@ -9,6 +9,9 @@ each certificate (a CertID :attr:`~staple.ocsp.CertId.key`):
   random token, released by a compare-and-delete script, so the one server that gets it
   fetches while the others wait. A holder that dies mid-fetch stalls nobody for longer than the
   lock's TTL: Redis expires it and the next server to look takes it;
+- a revocation is recorded under ``prefix + "revoked:" + key`` (the revoked response's DER)
+  until the certificate's notAfter, so it outlives the response and sticks for the whole fleet
+  across restarts (:meth:`~staple.Store.put_revocation`);
 - the fetcher's :meth:`~RedisStore.put` publishes ``key`` on ``prefix + "updates"``. Each store
   holds one pub/sub connection (opened by :meth:`~RedisStore.connect` or the first
   :meth:`~RedisStore.watch`) and one listener task that calls the watchers of that key, so the
@@ -189,6 +192,27 @@ class RedisStore(Store):
         with contextlib.suppress(_Unavailable):
             await self._call(store_and_publish)
 
+    async def get_revocation(self, key: str) -> bytes | None:
+        """The revoked response recorded for ``key``; ``None`` if there is none or Redis can't
+        be reached (then a restarted server relies on the responder, as it did before)."""
+        try:
+            value = await self._call(lambda: self._client.get(self._revoked_key(key)))
+        except _Unavailable:
+            return None
+        return value if isinstance(value, bytes) and value else None
+
+    async def put_revocation(self, key: str, der: bytes, *, until: datetime) -> None:
+        """Record the revocation until ``grace`` after ``until`` (the certificate's notAfter);
+        dropped when Redis can't be reached (the server still holds it in memory)."""
+        ttl_ms = self._ttl_ms(until)
+        with contextlib.suppress(_Unavailable):
+            await self._call(lambda: self._client.set(self._revoked_key(key), der, px=ttl_ms))
+
+    async def clear_revocation(self, key: str) -> None:
+        """Delete the record (a certificateHold was lifted); a no-op when Redis is away."""
+        with contextlib.suppress(_Unavailable):
+            await self._call(lambda: self._client.delete(self._revoked_key(key)))
+
     def lock(self, key: str, *, ttl: float) -> AbstractAsyncContextManager[bool]:
         """The fleet-wide right to fetch ``key`` for at most ``ttl`` seconds. Yields ``False``
         while another server holds it, and ``True`` when Redis can't be reached (fail open:
@@ -270,6 +294,9 @@ class RedisStore(Store):
         return f"RedisStore({self._where!r}, prefix={self.prefix!r})"
 
     # -- internals -------------------------------------------------------------------------
+
+    def _revoked_key(self, key: str) -> str:
+        return self.prefix + "revoked:" + key
 
     def _ttl_ms(self, expires: datetime) -> int:
         # Redis counts TTLs on the real clock, whatever clock the handle runs on.

@@ -6,6 +6,12 @@ rollback), so a corrupt file or a poisoned shared store can at worst cost a fetc
 
 The optional :meth:`Store.lock` lets a shared store (Redis) elect one server of a fleet to fetch
 while the others adopt its result; local stores need no lock.
+
+Revocations are kept apart from responses (:meth:`Store.put_revocation`): a response is useless
+once expired, but a revocation is permanent (RFC 5280 §3.3), so its record is kept until the
+certificate itself expires. A restarted server, or another server of the fleet, reads it back
+and refuses a responder that says ``good`` again, exactly as a handle holding the revoked
+response in memory does. The record is the revoked response itself, so it is re-validated too.
 """
 
 from __future__ import annotations
@@ -17,12 +23,12 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
-__all__ = ["FileStore", "MemoryStore", "Store"]
+__all__ = ["FileStore", "MemoryStore", "Store", "read_quietly", "write_quietly"]
 
 log = logging.getLogger("staple")
 
@@ -37,6 +43,27 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def put(self, key: str, der: bytes, *, expires: datetime) -> None:
         """Keep ``der`` under ``key``; ``expires`` lets a store drop it once useless."""
+
+    async def get_revocation(self, key: str) -> bytes | None:
+        """The revoked response recorded by :meth:`put_revocation` under ``key``, or ``None``.
+        May raise ``OSError``.
+
+        The default keeps the record through :meth:`get` / :meth:`put` under
+        ``REVOCATION_PREFIX + key``, so a custom store keeps revocations with no new code;
+        the stores of this package override the three revocation methods."""
+        return await self.get(REVOCATION_PREFIX + key) or None
+
+    async def put_revocation(self, key: str, der: bytes, *, until: datetime) -> None:
+        """Record that the certificate of ``key`` is revoked: ``der`` is the verified revoked
+        response, kept at least until ``until`` (the certificate's notAfter), whatever the
+        response's own expiry. May raise ``OSError``."""
+        await self.put(REVOCATION_PREFIX + key, der, expires=until)
+
+    async def clear_revocation(self, key: str) -> None:
+        """Forget the revocation recorded under ``key`` (a certificateHold was lifted). The
+        default stores empty bytes, which :meth:`get_revocation` reads as no record. May raise
+        ``OSError``."""
+        await self.put(REVOCATION_PREFIX + key, b"", expires=datetime.now(UTC))
 
     def lock(self, key: str, *, ttl: float) -> AbstractAsyncContextManager[bool]:
         """Hold the right to fetch for ``key`` (yields whether we got it). Local stores always
@@ -53,6 +80,37 @@ class Store(abc.ABC):
         """Release connections; the default store holds none."""
 
 
+async def read_quietly(
+    store: Store, what: str, subject: str, read: Awaitable[bytes | None]
+) -> bytes | None:
+    """What ``read`` (a call on ``store``) returns, or ``None`` if it raised. An ``OSError``
+    (the disk, the network) is logged as a warning, anything else (a bug in a custom store)
+    with its traceback. Never raises but cancellation: a store is an optimisation."""
+    try:
+        return await read
+    except OSError as exc:
+        log.warning("%s: could not read %s from %r (%s)", subject, what, store, exc)
+    except Exception:
+        log.warning("%s: reading %s from %r failed", subject, what, store, exc_info=True)
+    return None
+
+
+async def write_quietly(store: Store, what: str, subject: str, write: Awaitable[None]) -> None:
+    """Await ``write`` (a call on ``store``; ``what`` reads like "persist the response to").
+    Failures are logged as :func:`read_quietly` does and swallowed: a full or read-only disk
+    must not stop stapling from memory."""
+    try:
+        await write
+    except OSError as exc:
+        log.warning("%s: could not %s %r (%s); serving from memory", subject, what, store, exc)
+    except Exception:
+        log.warning("%s: could not %s %r; serving from memory", subject, what, store, exc_info=True)
+
+
+REVOCATION_PREFIX = "revoked-"
+"""Where :class:`Store`'s default revocation methods keep records among the responses."""
+
+
 def _nothing() -> None:
     return None
 
@@ -67,12 +125,22 @@ class MemoryStore(Store):
 
     def __init__(self) -> None:
         self._data: dict[str, bytes] = {}
+        self._revoked: dict[str, bytes] = {}
 
     async def get(self, key: str) -> bytes | None:
         return self._data.get(key)
 
     async def put(self, key: str, der: bytes, *, expires: datetime) -> None:
         self._data[key] = der
+
+    async def get_revocation(self, key: str) -> bytes | None:
+        return self._revoked.get(key)
+
+    async def put_revocation(self, key: str, der: bytes, *, until: datetime) -> None:
+        self._revoked[key] = der
+
+    async def clear_revocation(self, key: str) -> None:
+        self._revoked.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -89,6 +157,8 @@ class FileStore(Store):
     """
 
     SUFFIX = ".ocsp"
+    REVOKED_SUFFIX = ".revoked"
+    """Revocation records: the revoked response, kept beside the responses until removed."""
     STALE_TEMP = 3600.0
     """Seconds after which a leftover temporary file is a crash's, and removed."""
 
@@ -96,16 +166,37 @@ class FileStore(Store):
         self.directory = Path(directory)
         self._swept = False
 
-    def path_for(self, key: str) -> Path:
+    def path_for(self, key: str, *, suffix: str = SUFFIX) -> Path:
+        """The file that holds ``key``'s response (or, with ``REVOKED_SUFFIX``, its
+        revocation record). Raises ``ValueError`` for a key that is no plain file name."""
         if not key or "/" in key or key.startswith("."):
             raise ValueError(f"invalid store key {key!r}")
-        return self.directory / (key + self.SUFFIX)
+        return self.directory / (key + suffix)
 
     async def get(self, key: str) -> bytes | None:
         return await asyncio.to_thread(self._read, self.path_for(key))
 
     async def put(self, key: str, der: bytes, *, expires: datetime) -> None:
         await asyncio.to_thread(self._write, self.path_for(key), der)
+
+    async def get_revocation(self, key: str) -> bytes | None:
+        """The record's file is kept until :meth:`clear_revocation`: a directory outlives no
+        certificate by much, and a stale record costs one validation at start."""
+        return await asyncio.to_thread(self._read, self._revoked_path(key))
+
+    async def put_revocation(self, key: str, der: bytes, *, until: datetime) -> None:
+        await asyncio.to_thread(self._write, self._revoked_path(key), der)
+
+    async def clear_revocation(self, key: str) -> None:
+        await asyncio.to_thread(self._remove, self._revoked_path(key))
+
+    def _revoked_path(self, key: str) -> Path:
+        return self.path_for(key, suffix=self.REVOKED_SUFFIX)
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
     @staticmethod
     def _read(path: Path) -> bytes | None:

@@ -508,14 +508,25 @@ async def test_poisoned_shared_store_entry_does_not_kill_the_refresher(
     clock = FakeClock()
     leaf = pki.issue_leaf("fleet.crash.test", ocsp_url=responder.url)
     store = SharedStore()
+    rejected = asyncio.Event()
+
+    def on_update(event: staple.Event) -> None:
+        if event.kind is staple.EventKind.REJECTED:
+            rejected.set()
+
     async with await staple.open_server_ocsp_response(
-        leaf.chain, store=store, policy=QUICK, clock=clock
+        leaf.chain, store=store, policy=QUICK, clock=clock, on_update=on_update
     ) as handle:
         await settle(clock)
         poison = with_unsupported_certid_hash(responder.response_for(leaf))
         await store.put(handle.cert_id.key, poison, expires=datetime.now(UTC))  # "a peer"
-        await asyncio.sleep(0.1)
+        async with asyncio.timeout(10):
+            await rejected.wait()  # the refresher woke for the notice and refused the entry
+            await clock.wait_for_sleepers(1)  # ... and went back to sleep, alive
         assert handle._task is not None and not handle._task.done()
+        ctx = handle.get_context()
+        assert ctx is not None
+        ctx.free()
 
 
 # -- the wall clock jumping ------------------------------------------------------------------

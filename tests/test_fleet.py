@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from cryptography import x509
 
 import staple
 from staple import EventKind, RefreshPolicy
@@ -732,3 +733,42 @@ async def test_staple_serve_fleet_shares_one_fetch(redis_server, tmp_path) -> No
         finally:
             stop.set()
             assert await asyncio.gather(*servers) == [0, 0]
+
+
+@pytest.mark.parametrize(
+    ("reason", "sticks"),
+    [(x509.ReasonFlags.key_compromise, True), (x509.ReasonFlags.certificate_hold, False)],
+)
+async def test_revocation_sticks_across_the_fleet_after_the_response_expired(
+    leaf, clock, responder, new_store, raw, reason, sticks
+) -> None:
+    """Server A fetches a revocation; once that response has expired, server B starts on the
+    same Redis and the responder says good: B refuses it (the record outlives the response,
+    until the certificate's notAfter), unless the revocation was a lifted certificateHold."""
+    responder.revoke(leaf, reason=reason)
+    first = await staple.open_server_ocsp_response(
+        leaf.chain, store=new_store(), clock=clock, policy=POLICY
+    )
+    key = first.cert_id.key
+    revoked = first.response
+    assert revoked is not None and revoked.cert_status is staple.CertStatus.REVOKED
+    await first.close()
+    record_ttl = await raw.pttl("staple:revoked:" + key)
+    assert record_ttl > await raw.pttl("staple:" + key)  # kept past the response's expiry
+    clock.set(revoked.expires + POLICY.margin)
+    responder.set_status(leaf, "good")
+    second = await staple.open_server_ocsp_response(
+        leaf.chain, store=new_store(), clock=clock, policy=POLICY
+    )
+    try:
+        ctx = second.get_context()
+        if sticks:
+            assert ctx is None
+            assert isinstance(second.last_error, staple.RevocationReversedError)
+            assert await raw.exists("staple:revoked:" + key) == 1
+        else:
+            assert ctx is not None and ctx.cert_status is staple.CertStatus.GOOD
+            ctx.free()
+            assert await raw.exists("staple:revoked:" + key) == 0
+    finally:
+        await second.close()

@@ -8,20 +8,26 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from cryptography import x509
 
-from staple import ocsp
+import staple
+from staple import ocsp, policy
 from staple.policy import RefreshPolicy, http_fresh_until, next_refresh, retry_delay
+from staple.testing import FakeClock, OcspResponder, TestPKI
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
 P = RefreshPolicy()
 
 
-def resp(this_update: datetime = T0, validity: timedelta = 7 * DAY) -> ocsp.VerifiedResponse:
+def resp(
+    this_update: datetime = T0,
+    validity: timedelta = 7 * DAY,
+    status: ocsp.CertStatus = ocsp.CertStatus.GOOD,
+) -> ocsp.VerifiedResponse:
     dummy = x509.load_pem_x509_certificate(_PEM)
     return ocsp.VerifiedResponse(
         der=b"",
         cert_id=ocsp.CertId("sha1", b"", b"", 1),
-        cert_status=ocsp.CertStatus.GOOD,
+        cert_status=status,
         this_update=this_update,
         next_update=this_update + validity,
         produced_at=this_update,
@@ -113,6 +119,70 @@ def test_http_fresh_until() -> None:
     assert http_fresh_until(headers, now) == now + timedelta(hours=2)
     assert http_fresh_until({"Expires": "garbage"}, now) is None
     assert http_fresh_until({"Cache-Control": "max-age=abc"}, now) is None
+
+
+def test_stop_stapling_at_is_expiry_less_margin() -> None:
+    r = resp()
+    assert policy.stop_stapling_at(r, P) == r.expires - P.margin
+
+
+def test_withholds_revoked_only_when_told() -> None:
+    revoked = resp(status=ocsp.CertStatus.REVOKED)
+    assert not policy.withholds(revoked, P)
+    assert policy.withholds(revoked, replace(P, staple_revoked=False))
+    assert not policy.withholds(resp(), replace(P, staple_revoked=False))
+
+
+def test_adopting_skips_the_fetch_only_when_it_is_no_longer_due() -> None:
+    later, earlier = T0 + DAY, T0 - DAY
+    skip = policy.skip_fetch_after_adopting
+    assert skip(adopted=True, force=False, now=T0, due=later)
+    assert not skip(adopted=True, force=False, now=T0, due=earlier)  # still due: fetch
+    assert not skip(adopted=True, force=True, now=T0, due=later)  # refresh() asked for it
+    assert not skip(adopted=False, force=False, now=T0, due=later)
+    assert not skip(adopted=True, force=False, now=T0, due=None)
+
+
+def test_lock_ttl_and_looking_again() -> None:
+    ttl = policy.fetch_lock_ttl(replace(P, fetch_timeout=15.0), 2)
+    assert ttl == 35.0
+    assert policy.fetch_lock_ttl(P, 0) == policy.fetch_lock_ttl(P, 1)
+    assert policy.look_again_after(ttl) == timedelta(seconds=10)
+    assert policy.look_again_after(3.0) == timedelta(seconds=3)
+
+
+def test_rollback_base_is_the_newer_of_held_and_recorded() -> None:
+    held, revoked = resp(T0), resp(T0 + DAY, status=ocsp.CertStatus.REVOKED)
+    assert policy.rollback_base(None, None) is None
+    assert policy.rollback_base(held, None) is held
+    assert policy.rollback_base(None, revoked) is revoked
+    assert policy.rollback_base(held, revoked) is revoked
+    newest = resp(T0 + 2 * DAY)
+    assert policy.rollback_base(newest, revoked) is newest
+
+
+def test_revocation_record_is_evidence_as_of_its_signing() -> None:
+    """Long expired, a revoked response still proves the revocation; a good response, or
+    one about another certificate, proves nothing."""
+    pki = TestPKI(now=T0)
+    leaf, other = pki.issue_leaf("a.policy.test"), pki.issue_leaf("b.policy.test")
+    responder = OcspResponder(pki, clock=FakeClock(T0))
+    issuer = leaf.chain[1]
+    good = responder.response_for(leaf)
+    responder.revoke(leaf)
+    responder.revoke(other)
+    revoked, foreign = responder.response_for(leaf), responder.response_for(other)
+    record = policy.revocation_record(revoked, leaf.cert, issuer, P)
+    assert record.cert_status is ocsp.CertStatus.REVOKED
+    # the rule of ocsp.validate, reused: a good after it is refused, however late
+    with pytest.raises(staple.RevocationReversedError):
+        ocsp.validate(good, leaf.cert, issuer, now=T0, current=record)
+    with pytest.raises(staple.BadResponseError, match="not a revoked response"):
+        policy.revocation_record(good, leaf.cert, issuer, P)
+    with pytest.raises(staple.CertIdMismatchError):
+        policy.revocation_record(foreign, leaf.cert, issuer, P)
+    with pytest.raises(staple.BadResponseError):
+        policy.revocation_record(b"junk", leaf.cert, issuer, P)
 
 
 @pytest.mark.parametrize(
