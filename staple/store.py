@@ -21,12 +21,13 @@ import asyncio
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from pathlib import Path
+
+from .atomic import TEMP_PREFIX, remove_durably, write_atomically
 
 __all__ = ["FileStore", "MemoryStore", "Store", "read_quietly", "write_quietly"]
 
@@ -195,8 +196,7 @@ class FileStore(Store):
 
     @staticmethod
     def _remove(path: Path) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        remove_durably(path)
 
     @staticmethod
     def _read(path: Path) -> bytes | None:
@@ -210,28 +210,12 @@ class FileStore(Store):
         if not self._swept:
             self._swept = True
             self._sweep()
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=self.SUFFIX)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        # Make the rename itself durable: without this a power cut can forget it.
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(path, data)
 
     def _sweep(self) -> None:
         """Remove temporary files left by writes a crash cut short."""
         stale = time.time() - self.STALE_TEMP
-        for leftover in self.directory.glob(".tmp-*" + self.SUFFIX):
+        for leftover in self.directory.glob(TEMP_PREFIX + "*"):
             with contextlib.suppress(OSError):  # gone already, or not ours to remove
                 if leftover.stat().st_mtime < stale:
                     leftover.unlink()
