@@ -31,8 +31,8 @@ from OpenSSL import SSL
 
 import staple.testing
 from staple.clock import Clock
+from staple.der import SEQUENCE, children, encode_tlv, read_whole
 from staple.testing import CA, FakeClock, Fault, Leaf, OcspResponder, TestPKI
-from staple.testing._responder import _children, _root, _tlv
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -604,10 +604,10 @@ def _multi_request(*ders: bytes) -> bytes:
     """Merge single-CertID requests into one request with several CertIDs."""
     requests = b""
     for der in ders:
-        tbs = _children(der, _root(der))[0]
-        request_list = _children(der, tbs)[0]
+        tbs = children(der, read_whole(der, SEQUENCE))[0]
+        request_list = children(der, tbs)[0]
         requests += der[request_list.body : request_list.end]
-    return _tlv(0x30, _tlv(0x30, _tlv(0x30, requests)))
+    return encode_tlv(0x30, encode_tlv(0x30, encode_tlv(0x30, requests)))
 
 
 async def test_responder_answers_each_certid(

@@ -46,6 +46,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509 import ocsp as x509_ocsp
 
 from staple.clock import Clock, SystemClock
+from staple.der import (
+    BIT_STRING,
+    GENERALIZED_TIME,
+    OCTET_STRING,
+    SEQUENCE,
+    children,
+    encode_tlv,
+    explicit,
+    read_element,
+    read_whole,
+)
 
 from ._pki import CA, Leaf, PrivateKey, TestPKI, signature_hash
 
@@ -839,13 +850,7 @@ def _decode_get_path(path: str) -> bytes | None:
 # -- a little DER, enough to read requests and to edit responses -------------------------------
 #
 # cryptography parses only single-CertID requests and builds only single-response, real-time
-# responses; these helpers cover the rest. Each node is (tag, start, body, end): the header
-# begins at start, the contents span [body, end).
-
-_SEQUENCE = 0x30
-_OCTET_STRING = 0x04
-_BIT_STRING = 0x03
-_GENERALIZED_TIME = 0x18
+# responses; these helpers cover the rest, with staple.der's elements (offsets into the bytes).
 
 _OID_OCSP_BASIC = bytes.fromhex("06092b0601050507300101")
 _OID_OCSP_NONCE = bytes.fromhex("2b0601050507300102")
@@ -858,70 +863,18 @@ _HASH_OIDS: dict[bytes, type[hashes.HashAlgorithm]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class _Node:
-    tag: int
-    start: int
-    body: int
-    end: int
-
-
-def _read(data: bytes, pos: int, limit: int) -> _Node:
-    start = pos
-    tag = data[pos]
-    if tag & 0x1F == 0x1F:
-        raise ValueError("high-tag-number DER is not supported")
-    length = data[pos + 1]
-    pos += 2
-    if length & 0x80:
-        n = length & 0x7F
-        if not 1 <= n <= 4:
-            raise ValueError("bad DER length")
-        length = int.from_bytes(data[pos : pos + n], "big")
-        pos += n
-    end = pos + length
-    if end > limit:
-        raise ValueError("DER element overruns its container")
-    return _Node(tag, start, pos, end)
-
-
-def _children(data: bytes, node: _Node) -> list[_Node]:
-    out: list[_Node] = []
-    pos = node.body
-    while pos < node.end:
-        child = _read(data, pos, node.end)
-        out.append(child)
-        pos = child.end
-    return out
-
-
-def _root(data: bytes) -> _Node:
-    node = _read(data, 0, len(data))
-    if node.tag != _SEQUENCE or node.end != len(data):
-        raise ValueError("not a single DER SEQUENCE")
-    return node
-
-
-def _tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes([tag, n]) + content
-    length = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(length)]) + length + content
-
-
 def _parse_request(der: bytes) -> _Request:
     """OCSPRequest (RFC 6960 §4.1.1) → its CertIDs and nonce. Raises ValueError/IndexError."""
-    tbs = _children(der, _root(der))[0]
-    if tbs.tag != _SEQUENCE:
+    tbs = children(der, read_whole(der, SEQUENCE))[0]
+    if tbs.tag != SEQUENCE:
         raise ValueError("no TBSRequest")
-    items = _children(der, tbs)
-    request_list = next(n for n in items if n.tag == _SEQUENCE)
+    items = children(der, tbs)
+    request_list = next(n for n in items if n.tag == SEQUENCE)
     cert_ids: list[_CertId] = []
-    for req in _children(der, request_list):
-        cert_id = _children(der, req)[0]
-        algorithm, name_hash, key_hash, serial = _children(der, cert_id)[:4]
-        oid = _children(der, algorithm)[0]
+    for req in children(der, request_list):
+        cert_id = children(der, req)[0]
+        algorithm, name_hash, key_hash, serial = children(der, cert_id)[:4]
+        oid = children(der, algorithm)[0]
         cert_ids.append(
             _CertId(
                 _HASH_OIDS[der[oid.body : oid.end]](),
@@ -933,9 +886,9 @@ def _parse_request(der: bytes) -> _Request:
     if not cert_ids:
         raise ValueError("empty requestList")
     nonce = None
-    for wrapper in (n for n in items if n.tag == 0xA2):
-        for extension in _children(der, _children(der, wrapper)[0]):
-            parts = _children(der, extension)
+    for wrapper in (n for n in items if n.tag == explicit(2)):  # requestExtensions
+        for extension in children(der, children(der, wrapper)[0]):
+            parts = children(der, extension)
             if der[parts[0].body : parts[0].end] == _OID_OCSP_NONCE:
                 value = der[parts[-1].body : parts[-1].end]
                 nonce = _octet_string_contents(value)
@@ -945,10 +898,10 @@ def _parse_request(der: bytes) -> _Request:
 def _octet_string_contents(value: bytes) -> bytes:
     """The contents of a DER OCTET STRING (how RFC 8954 wraps a nonce), else ``value`` itself."""
     try:
-        inner = _read(value, 0, len(value))
-    except (ValueError, IndexError):
+        inner = read_element(value)
+    except ValueError:
         return value
-    if inner.tag == _OCTET_STRING and inner.end == len(value):
+    if inner.tag == OCTET_STRING and inner.end == len(value):
         return value[inner.body :]
     return value
 
@@ -960,7 +913,7 @@ def _issuer_hashes(
     spki = issuer.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    bits = _children(spki, _root(spki))[1]
+    bits = children(spki, read_whole(spki, SEQUENCE))[1]
     key_bits = spki[bits.body + 1 : bits.end]  # skip the unused-bits octet
 
     def digest(data: bytes) -> bytes:
@@ -973,9 +926,9 @@ def _issuer_hashes(
 
 def _single_responses(tbs: bytes) -> list[bytes]:
     """The SingleResponse elements of a ResponseData, as DER."""
-    items = _children(tbs, _root(tbs))
-    produced = next(i for i, n in enumerate(items) if n.tag == _GENERALIZED_TIME)
-    return [tbs[n.start : n.end] for n in _children(tbs, items[produced + 1])]
+    items = children(tbs, read_whole(tbs, SEQUENCE))
+    produced = next(i for i, n in enumerate(items) if n.tag == GENERALIZED_TIME)
+    return [tbs[n.start : n.end] for n in children(tbs, items[produced + 1])]
 
 
 def _reassemble(
@@ -986,14 +939,14 @@ def _reassemble(
 ) -> bytes:
     """``template`` with producedAt and the responses replaced, signed again with ``key``."""
     tbs = template.tbs_response_bytes
-    items = _children(tbs, _root(tbs))
-    produced = next(i for i, n in enumerate(items) if n.tag == _GENERALIZED_TIME)
+    items = children(tbs, read_whole(tbs, SEQUENCE))
+    produced = next(i for i, n in enumerate(items) if n.tag == GENERALIZED_TIME)
     responses = items[produced + 1]
-    new_tbs = _tlv(
-        _SEQUENCE,
+    new_tbs = encode_tlv(
+        SEQUENCE,
         tbs[items[0].start : items[produced].start]
-        + _tlv(_GENERALIZED_TIME, produced_at.strftime("%Y%m%d%H%M%SZ").encode("ascii"))
-        + _tlv(_SEQUENCE, b"".join(singles))
+        + encode_tlv(GENERALIZED_TIME, produced_at.strftime("%Y%m%d%H%M%SZ").encode("ascii"))
+        + encode_tlv(SEQUENCE, b"".join(singles))
         + tbs[responses.end :],
     )
     if isinstance(key, rsa.RSAPrivateKey):
@@ -1005,17 +958,17 @@ def _reassemble(
 
     # BasicOCSPResponse: tbsResponseData, signatureAlgorithm, signature, [0] certs OPTIONAL.
     outer = template.public_bytes(serialization.Encoding.DER)
-    response_bytes = _children(outer, _children(outer, _root(outer))[1])[0]
-    basic_octets = _children(outer, response_bytes)[1]
+    response_bytes = children(outer, children(outer, read_whole(outer, SEQUENCE))[1])[0]
+    basic_octets = children(outer, response_bytes)[1]
     basic = outer[basic_octets.body : basic_octets.end]
-    parts = _children(basic, _root(basic))
+    parts = children(basic, read_whole(basic, SEQUENCE))
     rest = b"".join(basic[n.start : n.end] for n in parts[3:])
-    new_basic = _tlv(
-        _SEQUENCE,
+    new_basic = encode_tlv(
+        SEQUENCE,
         new_tbs
         + basic[parts[1].start : parts[1].end]
-        + _tlv(_BIT_STRING, b"\x00" + signature)
+        + encode_tlv(BIT_STRING, b"\x00" + signature)
         + rest,
     )
-    body = _tlv(_SEQUENCE, _OID_OCSP_BASIC + _tlv(_OCTET_STRING, new_basic))
-    return _tlv(_SEQUENCE, b"\x0a\x01\x00" + _tlv(0xA0, body))
+    body = encode_tlv(SEQUENCE, _OID_OCSP_BASIC + encode_tlv(OCTET_STRING, new_basic))
+    return encode_tlv(SEQUENCE, b"\x0a\x01\x00" + encode_tlv(explicit(0), body))
