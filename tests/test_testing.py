@@ -727,6 +727,28 @@ async def test_responder_refuses_bad_requests(
 _OCSP_POST = {"Content-Type": "application/ocsp-request"}
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x30",  # a truncated header
+        b"\x30\x02\x30\x00",  # an empty TBSRequest: no requestList
+        b"\x30\x04\x30\x02\xa0\x00",  # a TBSRequest with only a version
+        b"\x30\x04\x30\x02\x30\x00",  # an empty requestList
+        b"\x30\x06\x30\x04\x30\x02\x30\x00",  # a Request without a CertID
+        b"\x30\x80\x30\x00\x00\x00",  # indefinite length
+    ],
+    ids=["truncated", "no-request-list", "version-only", "empty-list", "no-cert-id", "indefinite"],
+)
+async def test_responder_answers_any_malformed_request_with_malformed_request(
+    responder: OcspResponder, session: aiohttp.ClientSession, body: bytes
+) -> None:
+    async with session.post(responder.url, data=body, headers=_OCSP_POST) as http:
+        assert http.status == 200
+        resp = ocsp.load_der_ocsp_response(await http.read())
+        assert resp.response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+    assert responder.log == [("POST", "malformed_request")]
+
+
 async def test_responder_response_for_needs_no_http(pki: TestPKI, clock: FakeClock) -> None:
     responder = OcspResponder(pki, clock=clock)
     leaf = pki.issue_leaf()

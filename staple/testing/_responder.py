@@ -869,7 +869,9 @@ def _parse_request(der: bytes) -> _Request:
     if tbs.tag != SEQUENCE:
         raise ValueError("no TBSRequest")
     items = children(der, tbs)
-    request_list = next(n for n in items if n.tag == SEQUENCE)
+    request_list = next((n for n in items if n.tag == SEQUENCE), None)
+    if request_list is None:
+        raise ValueError("no requestList")
     cert_ids: list[_CertId] = []
     for req in children(der, request_list):
         cert_id = children(der, req)[0]
