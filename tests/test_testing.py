@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import email.utils
+import typing
 import urllib.parse
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -32,7 +33,7 @@ from OpenSSL import SSL
 import staple.testing
 from staple.clock import Clock
 from staple.der import SEQUENCE, children, encode_tlv, read_whole
-from staple.testing import CA, FakeClock, Fault, Leaf, OcspResponder, TestPKI
+from staple.testing import CA, FakeClock, Fault, KeyType, Leaf, OcspResponder, TestPKI
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -118,6 +119,7 @@ def test_public_names() -> None:
         "OcspResponder",
         "Fault",
         "FakeClock",
+        "KeyType",
     }
     assert TestPKI.__test__ is False  # pytest must not collect it as a test class
 
@@ -363,6 +365,23 @@ def test_pki_key_types(pki: TestPKI) -> None:
     assert first.cert.serial_number != second.cert.serial_number
     with pytest.raises(ValueError, match="key_type"):
         pki.issue_leaf(key_type="dsa")  # type: ignore[arg-type]
+
+
+_KEY_CLASSES = {
+    "rsa": rsa.RSAPrivateKey,
+    "ec": ec.EllipticCurvePrivateKey,
+    "ed25519": ed25519.Ed25519PrivateKey,
+}
+
+
+@pytest.mark.parametrize("key_type", typing.get_args(KeyType))
+def test_pki_key_type_names_every_kind(key_type: KeyType) -> None:
+    """KeyType lists exactly the kinds TestPKI makes, so tests can parametrize over it."""
+    assert set(typing.get_args(KeyType)) == set(_KEY_CLASSES)
+    pki = TestPKI(key_type=key_type)
+    leaf = pki.issue_leaf(key_type=key_type)
+    assert isinstance(pki.intermediate.key, _KEY_CLASSES[key_type])
+    assert isinstance(leaf.key, _KEY_CLASSES[key_type])
 
 
 def test_pki_outputs(pki: TestPKI, tmp_path: Path) -> None:

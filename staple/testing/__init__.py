@@ -19,7 +19,7 @@ Everything a test needs to exercise staple, or a server built on it, without the
 """
 
 from ._clock import FakeClock
-from ._pki import CA, Leaf, TestPKI
+from ._pki import CA, KeyType, Leaf, TestPKI
 from ._responder import Fault, OcspResponder
 
-__all__ = ["CA", "FakeClock", "Fault", "Leaf", "OcspResponder", "TestPKI"]
+__all__ = ["CA", "FakeClock", "Fault", "KeyType", "Leaf", "OcspResponder", "TestPKI"]
