@@ -609,7 +609,7 @@ async def test_responder_delegated_signer(
 
 @pytest.mark.parametrize("key_type", ["rsa", "ed25519"])
 async def test_responder_signs_with_any_ca_key_type(
-    key_type: staple.testing._pki.KeyType, session: aiohttp.ClientSession
+    key_type: KeyType, session: aiohttp.ClientSession
 ) -> None:
     pki = TestPKI(key_type=key_type)
     leaf = pki.issue_leaf()
