@@ -1125,7 +1125,7 @@ async def test_fault_redirects(
 
 
 async def test_fault_gzip_bomb(responder: OcspResponder, leaf: Leaf) -> None:
-    from staple.testing._responder import GZIP_BOMB_BYTES
+    from staple.testing._faults import GZIP_BOMB_BYTES
 
     responder.fault = Fault.GZIP_BOMB
     async with (
