@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import sys
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -214,3 +218,19 @@ def test_every_truncation_raises_value_error(contents: bytes, cut: int) -> None:
     cut = min(cut, len(data))
     with pytest.raises(ValueError, match=r"truncated|overruns"):
         read_whole(data[:-cut], SEQUENCE)
+
+
+def test_der_imports_the_standard_library_only() -> None:
+    """Part of the pure core: no asyncio, no aiohttp, no cryptography."""
+    import staple.der
+
+    tree = ast.parse(Path(staple.der.__file__).read_text())
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "staple.der imports nothing from staple"
+            imported.add((node.module or "").split(".")[0])
+    assert imported <= set(sys.stdlib_module_names)
+    assert not imported & {"asyncio", "socket", "ssl"}
