@@ -199,4 +199,5 @@ def main() -> None:
             f.write(report.markdown(json.loads(json.dumps(document, default=str))))
 
 
-main()
+if __name__ == "__main__":
+    main()

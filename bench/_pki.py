@@ -24,8 +24,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from staple.testing import OcspResponder, TestPKI
-from staple.testing._pki import KeyType, Leaf
+from staple.der import OCTET_STRING, SEQUENCE, children, encode_tlv, explicit, read_whole
+from staple.testing import KeyType, Leaf, OcspResponder, TestPKI
 
 RESPONSES = ("small", "redundant", "large")
 
@@ -84,57 +84,19 @@ def make(key_type: KeyType, directory: Path, ocsp_url: str = "http://127.0.0.1:9
     return m
 
 
-# -- a few lines of DER, enough to edit the certs field -------------------------------------
-
-
-def _header(data: bytes, pos: int) -> tuple[int, int, int]:
-    """(tag, start of contents, end) of the TLV at ``pos``."""
-    tag = data[pos]
-    length = data[pos + 1]
-    pos += 2
-    if length & 0x80:
-        n = length & 0x7F
-        length = int.from_bytes(data[pos : pos + n], "big")
-        pos += n
-    return tag, pos, pos + length
-
-
-def _children(data: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
-    """(tag, tlv start, contents start, end) of each TLV in data[start:end]."""
-    out = []
-    pos = start
-    while pos < end:
-        tag, contents, stop = _header(data, pos)
-        out.append((tag, pos, contents, stop))
-        pos = stop
-    return out
-
-
-def _tlv(tag: int, contents: bytes) -> bytes:
-    n = len(contents)
-    if n < 0x80:
-        return bytes([tag, n]) + contents
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(size)]) + size + contents
-
-
 def set_certs(der: bytes, certs: list[bytes]) -> bytes:
     """``der`` (an OCSPResponse with a BasicOCSPResponse) with its ``certs`` field replaced by
     ``certs`` (DER certificates; ``[]`` removes the field). The signed data is untouched."""
-    _, outer, outer_end = _header(der, 0)
-    status, response_bytes = _children(der, outer, outer_end)
-    _, _, rb_contents, _ = response_bytes  # [0] EXPLICIT
-    _, seq, seq_end = _header(der, rb_contents)  # ResponseBytes SEQUENCE
-    oid, octets = _children(der, seq, seq_end)
-    basic_der = der[octets[2] : octets[3]]
-    _, b_start, b_end = _header(basic_der, 0)
-    fields = _children(basic_der, b_start, b_end)
-    kept = b"".join(basic_der[f[1] : f[3]] for f in fields[:3])  # tbs, algorithm, signature
+    status, response = children(der, read_whole(der, SEQUENCE))  # OCSPResponse
+    (response_bytes,) = children(der, response)  # [0] EXPLICIT ResponseBytes
+    oid, octets = children(der, response_bytes)
+    fields = children(der, read_whole(der, SEQUENCE, octets.body, octets.end))
+    kept = der[fields[0].start : fields[2].end]  # tbsResponseData, algorithm, signature
     if certs:
-        kept += _tlv(0xA0, _tlv(0x30, b"".join(certs)))
-    basic = _tlv(0x30, kept)
-    rb = _tlv(0x30, der[oid[1] : oid[3]] + _tlv(0x04, basic))
-    return _tlv(0x30, der[status[1] : status[3]] + _tlv(0xA0, rb))
+        kept += encode_tlv(explicit(0), encode_tlv(SEQUENCE, b"".join(certs)))
+    basic = encode_tlv(SEQUENCE, kept)
+    rb = encode_tlv(SEQUENCE, der[oid.start : oid.end] + encode_tlv(OCTET_STRING, basic))
+    return encode_tlv(SEQUENCE, der[status.start : status.end] + encode_tlv(explicit(0), rb))
 
 
 def certs_of(der: bytes) -> int:

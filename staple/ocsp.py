@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.x509 import ocsp as x509_ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, SignatureAlgorithmOID
 
+from .der import BIT_STRING, SEQUENCE, explicit, read_element, read_whole
 from .errors import (
     BadResponseError,
     CertIdMismatchError,
@@ -78,6 +79,9 @@ DEFAULT_MARGIN = timedelta(minutes=5)
 
 GET_LIMIT = 255
 """RFC 5019 §5: use GET when the base64 request is at most 255 bytes, so caches can help."""
+
+_VERSION = explicit(0)  # ResponseData.version, absent for v1
+_BY_NAME = explicit(1)  # ResponderID byName; byKey is [2]
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1,
@@ -276,16 +280,13 @@ def _responder_name_der(tbs: bytes) -> bytes | None:
     """The DER Name of a byName ResponderID ([1] EXPLICIT, after the optional [0] version),
     read from tbsResponseData; ``None`` for byKey or anything unexpected."""
     try:
-        at = 2 + (tbs[1] & 0x7F if tbs[1] & 0x80 else 0)  # into the SEQUENCE
-        if tbs[at] == 0xA0:  # version
-            at = _skip_tlv(tbs, at)
-        if tbs[at] != 0xA1:
-            return None
-        end = _skip_tlv(tbs, at)
-        inner = at + 2 + (tbs[at + 1] & 0x7F if tbs[at + 1] & 0x80 else 0)
-        return tbs[inner:end] if end <= len(tbs) else None
-    except IndexError:
+        data = read_whole(tbs, SEQUENCE)
+        field = read_element(tbs, data.body, data.end)
+        if field.tag == _VERSION:
+            field = read_element(tbs, field.end, data.end)
+    except ValueError:
         return None
+    return tbs[field.body : field.end] if field.tag == _BY_NAME else None
 
 
 def _find_signer(
@@ -455,15 +456,6 @@ def validate(
     return verified
 
 
-def _skip_tlv(der: bytes, at: int) -> int:
-    """The offset just past the DER element starting at ``at`` (IndexError if truncated)."""
-    first = der[at + 1]
-    if first < 0x80:
-        return at + 2 + first
-    n = first & 0x7F
-    return at + 2 + n + int.from_bytes(der[at + 2 : at + 2 + n], "big")
-
-
 def _signature_unused_bits(der: bytes, tbs: bytes) -> int:
     """The unused-bits octet of BasicOCSPResponse.signature, which follows tbsResponseData and
     signatureAlgorithm; -1 if it cannot be located."""
@@ -471,14 +463,13 @@ def _signature_unused_bits(der: bytes, tbs: bytes) -> int:
     if at < 0:
         return -1
     try:
-        bits = _skip_tlv(der, at + len(tbs))  # past signatureAlgorithm
-        if der[bits] != 0x03:  # BIT STRING
-            return -1
-        first = der[bits + 1]
-        header = 2 if first < 0x80 else 2 + (first & 0x7F)
-        return der[bits + header]
-    except IndexError:
+        algorithm = read_element(der, at + len(tbs))
+        bits = read_element(der, algorithm.end)
+    except ValueError:
         return -1
+    if bits.tag != BIT_STRING or bits.length == 0:
+        return -1
+    return der[bits.body]
 
 
 def _find_single(

@@ -26,18 +26,25 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp as x509_ocsp
 
+from .der import (
+    BIT_STRING,
+    ENUMERATED,
+    OBJECT_IDENTIFIER,
+    OCTET_STRING,
+    SEQUENCE,
+    children,
+    encode_tlv,
+    expect_tags,
+    explicit,
+    read_whole,
+)
 from .ocsp import VerifiedResponse
 
 __all__ = ["stapled_der"]
 
 log = logging.getLogger("staple")
 
-_SEQUENCE = 0x30
-_OCTET_STRING = 0x04
-_BIT_STRING = 0x03
-_ENUMERATED = 0x0A
-_OID = 0x06
-_EXPLICIT_0 = 0xA0  # [0] EXPLICIT, constructed: responseBytes, and BasicOCSPResponse.certs
+_EXPLICIT_0 = explicit(0)  # responseBytes, and BasicOCSPResponse.certs
 _ID_PKIX_OCSP_BASIC = bytes.fromhex("2b0601050507300101")  # 1.3.6.1.5.5.7.48.1.1
 
 
@@ -68,84 +75,27 @@ def stapled_der(verified: VerifiedResponse) -> bytes:
     return trimmed
 
 
-# -- a little DER: each element is (tag, start of header, start of contents, end) ----------------
-
-_Element = tuple[int, int, int, int]
-
-
-def _read(der: bytes, pos: int, limit: int) -> _Element:
-    """The element at ``pos``, which must end by ``limit``; ValueError if it cannot."""
-    if pos + 2 > limit:
-        raise ValueError(f"truncated element at offset {pos}")
-    tag, first = der[pos], der[pos + 1]
-    if tag & 0x1F == 0x1F:
-        raise ValueError(f"high tag number at offset {pos}")
-    body = pos + 2
-    if first & 0x80:
-        n = first & 0x7F
-        if not 1 <= n <= 4 or body + n > limit:
-            raise ValueError(f"bad length at offset {pos}")
-        length = int.from_bytes(der[body : body + n], "big")
-        body += n
-    else:
-        length = first
-    end = body + length
-    if end > limit:
-        raise ValueError(f"element at offset {pos} overruns its container")
-    return tag, pos, body, end
-
-
-def _children(der: bytes, parent: _Element) -> list[_Element]:
-    """The elements inside ``parent``."""
-    out: list[_Element] = []
-    pos, end = parent[2], parent[3]
-    while pos < end:
-        child = _read(der, pos, end)
-        out.append(child)
-        pos = child[3]
-    return out
-
-
-def _expect(elements: list[_Element], *tags: int) -> list[_Element]:
-    """``elements``, if there are exactly as many as ``tags``, with those tags."""
-    if [e[0] for e in elements] != list(tags):
-        found = ", ".join(f"{e[0]:#04x}" for e in elements) or "nothing"
-        wanted = ", ".join(f"{t:#04x}" for t in tags)
-        raise ValueError(f"expected tags {wanted}, found {found}")
-    return elements
-
-
-def _tlv(tag: int, contents: bytes) -> bytes:
-    n = len(contents)
-    if n < 0x80:
-        return bytes((tag, n)) + contents
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(size))) + size + contents
-
-
 def _with_certs(der: bytes, keep: bytes | None) -> bytes | None:
     """``der`` with BasicOCSPResponse.certs holding just ``keep`` (a DER certificate, which must
     be among those embedded), or removed for ``None``; ``None`` if that is what ``der`` has.
     Raises ValueError for any layout but RFC 6960's."""
-    outer = _read(der, 0, len(der))
-    if outer[0] != _SEQUENCE or outer[3] != len(der):
-        raise ValueError("not a single DER SEQUENCE")
-    status, explicit = _expect(_children(der, outer), _ENUMERATED, _EXPLICIT_0)  # OCSPResponse
-    (response_bytes,) = _expect(_children(der, explicit), _SEQUENCE)
-    oid, octets = _expect(_children(der, response_bytes), _OID, _OCTET_STRING)  # ResponseBytes
-    if der[oid[2] : oid[3]] != _ID_PKIX_OCSP_BASIC:
+    outer = read_whole(der, SEQUENCE)
+    status, response = expect_tags(children(der, outer), ENUMERATED, _EXPLICIT_0)  # OCSPResponse
+    (response_bytes,) = expect_tags(children(der, response), SEQUENCE)
+    oid, octets = expect_tags(children(der, response_bytes), OBJECT_IDENTIFIER, OCTET_STRING)
+    if der[oid.body : oid.end] != _ID_PKIX_OCSP_BASIC:
         raise ValueError("responseType is not id-pkix-ocsp-basic")
-    basic = _read(der, octets[2], octets[3])
-    if basic[0] != _SEQUENCE or basic[3] != octets[3]:
-        raise ValueError("the response OCTET STRING does not hold one SEQUENCE")
-    fields = _children(der, basic)  # BasicOCSPResponse
+    basic = read_whole(der, SEQUENCE, octets.body, octets.end)
+    fields = children(der, basic)  # BasicOCSPResponse
     if len(fields) == 3:
         return None  # no certs: nothing to drop
-    tbs, _, signature, certs_field = _expect(fields, _SEQUENCE, _SEQUENCE, _BIT_STRING, _EXPLICIT_0)
-    (sequence,) = _expect(_children(der, certs_field), _SEQUENCE)
-    elements = _children(der, sequence)
-    _expect(elements, *[_SEQUENCE] * len(elements))
-    certs = [der[c[1] : c[3]] for c in elements]
+    tbs, _, signature, certs_field = expect_tags(
+        fields, SEQUENCE, SEQUENCE, BIT_STRING, _EXPLICIT_0
+    )
+    (sequence,) = expect_tags(children(der, certs_field), SEQUENCE)
+    elements = children(der, sequence)
+    expect_tags(elements, *[SEQUENCE] * len(elements))
+    certs = [der[c.start : c.end] for c in elements]
     if keep is None:
         kept = b""
     elif keep not in certs:
@@ -153,11 +103,15 @@ def _with_certs(der: bytes, keep: bytes | None) -> bytes | None:
     elif certs == [keep]:
         return None  # the signer's certificate alone: nothing to drop
     else:
-        kept = _tlv(_EXPLICIT_0, _tlv(_SEQUENCE, keep))
+        kept = encode_tlv(_EXPLICIT_0, encode_tlv(SEQUENCE, keep))
 
-    new_basic = _tlv(_SEQUENCE, der[tbs[1] : signature[3]] + kept)
-    new_response_bytes = _tlv(_SEQUENCE, der[oid[1] : oid[3]] + _tlv(_OCTET_STRING, new_basic))
-    return _tlv(_SEQUENCE, der[status[1] : status[3]] + _tlv(_EXPLICIT_0, new_response_bytes))
+    new_basic = encode_tlv(SEQUENCE, der[tbs.start : signature.end] + kept)
+    new_response_bytes = encode_tlv(
+        SEQUENCE, der[oid.start : oid.end] + encode_tlv(OCTET_STRING, new_basic)
+    )
+    return encode_tlv(
+        SEQUENCE, der[status.start : status.end] + encode_tlv(_EXPLICIT_0, new_response_bytes)
+    )
 
 
 def _faithful(

@@ -54,9 +54,9 @@ from OpenSSL import SSL
 
 import staple
 from staple import tls
+from staple.der import SEQUENCE, children, read_element, read_whole
 from staple.stapler import Stapler
 from staple.testing import FakeClock, Leaf, OcspResponder, TestPKI
-from staple.testing._responder import _children, _read, _root
 
 FUZZ_EXAMPLES = int(os.environ.get("STAPLE_FUZZ_EXAMPLES", "500"))
 FUZZ = settings(
@@ -85,11 +85,11 @@ class Base:
 
 def raw_tbs(der: bytes) -> bytes:
     """The tbsResponseData element exactly as it appears in ``der``."""
-    outer = _root(der)
-    response_bytes = _children(der, _children(der, outer)[1])[0]
-    octets = _children(der, response_bytes)[1]
+    outer = read_whole(der, SEQUENCE)
+    response_bytes = children(der, children(der, outer)[1])[0]
+    octets = children(der, response_bytes)[1]
     basic = der[octets.body : octets.end]
-    tbs = _children(basic, _root(basic))[0]
+    tbs = children(basic, read_whole(basic, SEQUENCE))[0]
     return basic[tbs.start : tbs.end]
 
 
@@ -279,8 +279,8 @@ def test_signature_bit_string_with_unused_bits_is_refused_like_openssl() -> None
     # BasicOCSPResponse: tbsResponseData, signatureAlgorithm, signature BIT STRING, ...
     tbs = raw_tbs(der)
     at = der.index(tbs) + len(tbs)
-    algorithm = _read(der, at, len(der))
-    bits = _read(der, algorithm.end, len(der))
+    algorithm = read_element(der, at, len(der))
+    bits = read_element(der, algorithm.end, len(der))
     assert bits.tag == 0x03 and der[bits.body] == 0
     mutated = der[: bits.body] + b"\x02" + der[bits.body + 1 :]  # "2 unused bits"
     with pytest.raises(staple.OcspError):
@@ -301,10 +301,10 @@ def test_delegated_signer_certificate_with_unused_bits_is_refused_like_openssl()
     der = responder.response_for(leaf)
     assert staple.ocsp.validate(der, leaf.cert, leaf.chain[1], now=clock.now()).delegated
     # Certificate: SEQUENCE { tbsCertificate, signatureAlgorithm, signature BIT STRING }
-    cert = _read(der, der.index(cert_der), len(der))
-    tbs = _read(der, cert.body, cert.end)
-    algorithm = _read(der, tbs.end, cert.end)
-    bits = _read(der, algorithm.end, cert.end)
+    cert = read_element(der, der.index(cert_der), len(der))
+    tbs = read_element(der, cert.body, cert.end)
+    algorithm = read_element(der, tbs.end, cert.end)
+    bits = read_element(der, algorithm.end, cert.end)
     assert bits.tag == 0x03 and der[bits.body] == 0
     mutated = der[: bits.body] + b"\x02" + der[bits.body + 1 :]  # "2 unused bits"
     with pytest.raises(staple.OcspError):

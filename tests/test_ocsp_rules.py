@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from staple import errors, ocsp
-from staple.testing._pki import TestPKI
+from staple.testing import TestPKI
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 

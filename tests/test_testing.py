@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import email.utils
+import typing
 import urllib.parse
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -31,8 +32,8 @@ from OpenSSL import SSL
 
 import staple.testing
 from staple.clock import Clock
-from staple.testing import CA, FakeClock, Fault, Leaf, OcspResponder, TestPKI
-from staple.testing._responder import _children, _root, _tlv
+from staple.der import SEQUENCE, children, encode_tlv, read_whole
+from staple.testing import CA, FakeClock, Fault, KeyType, Leaf, OcspResponder, TestPKI
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -118,6 +119,7 @@ def test_public_names() -> None:
         "OcspResponder",
         "Fault",
         "FakeClock",
+        "KeyType",
     }
     assert TestPKI.__test__ is False  # pytest must not collect it as a test class
 
@@ -365,6 +367,23 @@ def test_pki_key_types(pki: TestPKI) -> None:
         pki.issue_leaf(key_type="dsa")  # type: ignore[arg-type]
 
 
+_KEY_CLASSES = {
+    "rsa": rsa.RSAPrivateKey,
+    "ec": ec.EllipticCurvePrivateKey,
+    "ed25519": ed25519.Ed25519PrivateKey,
+}
+
+
+@pytest.mark.parametrize("key_type", typing.get_args(KeyType))
+def test_pki_key_type_names_every_kind(key_type: KeyType) -> None:
+    """KeyType lists exactly the kinds TestPKI makes, so tests can parametrize over it."""
+    assert set(typing.get_args(KeyType)) == set(_KEY_CLASSES)
+    pki = TestPKI(key_type=key_type)
+    leaf = pki.issue_leaf(key_type=key_type)
+    assert isinstance(pki.intermediate.key, _KEY_CLASSES[key_type])
+    assert isinstance(leaf.key, _KEY_CLASSES[key_type])
+
+
 def test_pki_outputs(pki: TestPKI, tmp_path: Path) -> None:
     leaf = pki.issue_leaf("files.test")
     assert x509.load_pem_x509_certificates(leaf.chain_pem) == leaf.chain
@@ -590,7 +609,7 @@ async def test_responder_delegated_signer(
 
 @pytest.mark.parametrize("key_type", ["rsa", "ed25519"])
 async def test_responder_signs_with_any_ca_key_type(
-    key_type: staple.testing._pki.KeyType, session: aiohttp.ClientSession
+    key_type: KeyType, session: aiohttp.ClientSession
 ) -> None:
     pki = TestPKI(key_type=key_type)
     leaf = pki.issue_leaf()
@@ -604,10 +623,10 @@ def _multi_request(*ders: bytes) -> bytes:
     """Merge single-CertID requests into one request with several CertIDs."""
     requests = b""
     for der in ders:
-        tbs = _children(der, _root(der))[0]
-        request_list = _children(der, tbs)[0]
+        tbs = children(der, read_whole(der, SEQUENCE))[0]
+        request_list = children(der, tbs)[0]
         requests += der[request_list.body : request_list.end]
-    return _tlv(0x30, _tlv(0x30, _tlv(0x30, requests)))
+    return encode_tlv(0x30, encode_tlv(0x30, encode_tlv(0x30, requests)))
 
 
 async def test_responder_answers_each_certid(
@@ -725,6 +744,28 @@ async def test_responder_refuses_bad_requests(
 
 
 _OCSP_POST = {"Content-Type": "application/ocsp-request"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x30",  # a truncated header
+        b"\x30\x02\x30\x00",  # an empty TBSRequest: no requestList
+        b"\x30\x04\x30\x02\xa0\x00",  # a TBSRequest with only a version
+        b"\x30\x04\x30\x02\x30\x00",  # an empty requestList
+        b"\x30\x06\x30\x04\x30\x02\x30\x00",  # a Request without a CertID
+        b"\x30\x80\x30\x00\x00\x00",  # indefinite length
+    ],
+    ids=["truncated", "no-request-list", "version-only", "empty-list", "no-cert-id", "indefinite"],
+)
+async def test_responder_answers_any_malformed_request_with_malformed_request(
+    responder: OcspResponder, session: aiohttp.ClientSession, body: bytes
+) -> None:
+    async with session.post(responder.url, data=body, headers=_OCSP_POST) as http:
+        assert http.status == 200
+        resp = ocsp.load_der_ocsp_response(await http.read())
+        assert resp.response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+    assert responder.log == [("POST", "malformed_request")]
 
 
 async def test_responder_response_for_needs_no_http(pki: TestPKI, clock: FakeClock) -> None:
@@ -1084,7 +1125,7 @@ async def test_fault_redirects(
 
 
 async def test_fault_gzip_bomb(responder: OcspResponder, leaf: Leaf) -> None:
-    from staple.testing._responder import GZIP_BOMB_BYTES
+    from staple.testing._faults import GZIP_BOMB_BYTES
 
     responder.fault = Fault.GZIP_BOMB
     async with (

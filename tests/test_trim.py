@@ -39,10 +39,10 @@ import staple
 import staple.trim
 from staple import ocsp
 from staple.cli.serve import Serving
+from staple.der import SEQUENCE, Element, children, encode_tlv, read_element, read_whole
 from staple.response_context import OcspResponseContext
 from staple.stapler import Stapler
 from staple.testing import FakeClock, Leaf, OcspResponder, TestPKI
-from staple.testing._responder import _children, _Node, _read, _root, _tlv
 from staple.trim import stapled_der
 
 from .external import require
@@ -72,22 +72,22 @@ def signed_parts(der: bytes) -> tuple[bytes, bytes, x509.ObjectIdentifier]:
     return resp.tbs_response_bytes, resp.signature, resp.signature_algorithm_oid
 
 
-def basic_fields(der: bytes) -> tuple[_Node, list[_Node]]:
+def basic_fields(der: bytes) -> tuple[Element, list[Element]]:
     """The responseType OID and the BasicOCSPResponse fields of ``der`` (offsets into it)."""
-    _, explicit = _children(der, _root(der))
-    (response_bytes,) = _children(der, explicit)
-    oid, octets = _children(der, response_bytes)
-    return oid, _children(der, _read(der, octets.body, octets.end))
+    _, explicit = children(der, read_whole(der, SEQUENCE))
+    (response_bytes,) = children(der, explicit)
+    oid, octets = children(der, response_bytes)
+    return oid, children(der, read_element(der, octets.body, octets.end))
 
 
 def with_certs(der: bytes, certs: list[bytes] | None, *, tail: bytes = b"") -> bytes:
     """``der`` re-encoded with ``certs`` as its certs field (``None``: no field), then ``tail``
     inside the BasicOCSPResponse: the signed parts untouched."""
     oid, fields = basic_fields(der)
-    field = b"" if certs is None else _tlv(0xA0, _tlv(0x30, b"".join(certs)))
-    basic = _tlv(0x30, der[fields[0].start : fields[2].end] + field + tail)
-    response_bytes = _tlv(0x30, der[oid.start : oid.end] + _tlv(0x04, basic))
-    return _tlv(0x30, b"\x0a\x01\x00" + _tlv(0xA0, response_bytes))
+    field = b"" if certs is None else encode_tlv(0xA0, encode_tlv(0x30, b"".join(certs)))
+    basic = encode_tlv(0x30, der[fields[0].start : fields[2].end] + field + tail)
+    response_bytes = encode_tlv(0x30, der[oid.start : oid.end] + encode_tlv(0x04, basic))
+    return encode_tlv(0x30, b"\x0a\x01\x00" + encode_tlv(0xA0, response_bytes))
 
 
 def verify(der: bytes, leaf: Leaf, now: datetime) -> ocsp.VerifiedResponse:
@@ -227,11 +227,14 @@ def _odd_layouts() -> dict[str, tuple[Signer, bytes]]:
 
     bare = with_certs(der, None)
     tbs = fields[0]  # filled with an OCTET STRING of zeros, so only cryptography objects:
-    junk = _tlv(0x04, bytes(tbs.end - tbs.body - 3))
+    junk = encode_tlv(0x04, bytes(tbs.end - tbs.body - 3))
     assert len(junk) == tbs.end - tbs.body
     return {
         "trailing byte": ("issuer", der + b"\x00"),
-        "indefinite outer length": ("issuer", b"\x30\x80" + der[_root(der).body :] + b"\0\0"),
+        "indefinite outer length": (
+            "issuer",
+            b"\x30\x80" + der[read_whole(der, SEQUENCE).body :] + b"\0\0",
+        ),
         "not id-pkix-ocsp-basic": ("issuer", patch(oid.end - 1, 0x02)),
         "certs tagged [1]": ("issuer", patch(certs_field.start, 0xA1)),
         "certs a SET": ("issuer", patch(certs_field.body, 0x31)),
@@ -294,15 +297,15 @@ MUTATE = settings(
 def header_offsets(der: bytes) -> list[int]:
     """Where the tags and lengths of the elements the trimmer reads lie in ``der``."""
     oid, fields = basic_fields(der)
-    outer = _root(der)
-    status, explicit = _children(der, outer)
-    (response_bytes,) = _children(der, explicit)
-    _, octets = _children(der, response_bytes)
+    outer = read_whole(der, SEQUENCE)
+    status, explicit = children(der, outer)
+    (response_bytes,) = children(der, explicit)
+    _, octets = children(der, response_bytes)
     nodes = [outer, status, explicit, response_bytes, oid, octets, *fields]
-    nodes.append(_read(der, octets.body, octets.end))  # the BasicOCSPResponse
+    nodes.append(read_element(der, octets.body, octets.end))  # the BasicOCSPResponse
     if len(fields) == 4:
-        (sequence,) = _children(der, fields[3])
-        nodes += [sequence, *_children(der, sequence)]
+        (sequence,) = children(der, fields[3])
+        nodes += [sequence, *children(der, sequence)]
     return sorted({i for n in nodes for i in range(n.start, n.body)})
 
 

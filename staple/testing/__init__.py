@@ -5,7 +5,7 @@ Everything a test needs to exercise staple, or a server built on it, without the
     from staple.testing import FakeClock, Fault, OcspResponder, TestPKI
 
     clock = FakeClock()
-    pki = TestPKI(now=clock.now())
+    pki = TestPKI(now=clock.now())  # key_type: KeyType = "ec" (or "rsa", "ed25519")
     async with OcspResponder(pki, clock=clock) as responder:
         leaf = pki.issue_leaf("example.test", ocsp_url=responder.url, must_staple=True)
         leaf.chain              # [leaf, intermediate] as cryptography certificates
@@ -19,7 +19,7 @@ Everything a test needs to exercise staple, or a server built on it, without the
 """
 
 from ._clock import FakeClock
-from ._pki import CA, Leaf, TestPKI
+from ._pki import CA, KeyType, Leaf, TestPKI
 from ._responder import Fault, OcspResponder
 
-__all__ = ["CA", "FakeClock", "Fault", "Leaf", "OcspResponder", "TestPKI"]
+__all__ = ["CA", "FakeClock", "Fault", "KeyType", "Leaf", "OcspResponder", "TestPKI"]

@@ -15,23 +15,21 @@ takes one SingleResponse and stamps producedAt with the real time, so the respon
 its output after two edits to the ResponseData: producedAt becomes the injected clock's time
 (so responses agree with a :class:`~staple.testing.FakeClock`), and a request with several
 CertIDs gets one SingleResponse for each.
+
+Beside this module: ``_faults`` (the :class:`Fault` switches and their fixed answers) and
+``_messages`` (requests parsed and responses re-signed at the byte level).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import enum
-import functools
 import math
 import os
 import socket
 import struct
 import urllib.parse
 import warnings
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -42,14 +40,42 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509 import ocsp as x509_ocsp
 
 from staple.clock import Clock, SystemClock
 
+from ._faults import (
+    GZIP_BOMB_BYTES,
+    HTTP_ERRORS,
+    OVERSIZE_BYTES,
+    REDIRECT_FILE_URL,
+    REDIRECT_FTP_URL,
+    REDIRECTS,
+    UNSUCCESSFUL,
+    Fault,
+    gzip_bomb,
+)
+from ._messages import (
+    CertId,
+    Request,
+    decode_get_path,
+    issuer_hashes,
+    parse_request,
+    reassemble,
+    single_responses,
+)
 from ._pki import CA, Leaf, PrivateKey, TestPKI, signature_hash
 
-__all__ = ["CertStatusName", "Fault", "OcspResponder"]
+__all__ = [
+    # The fault constants stay importable from here, where they were defined at first.
+    "GZIP_BOMB_BYTES",
+    "OVERSIZE_BYTES",
+    "REDIRECT_FILE_URL",
+    "REDIRECT_FTP_URL",
+    "CertStatusName",
+    "Fault",
+    "OcspResponder",
+]
 
 CertStatusName: TypeAlias = Literal["good", "revoked", "unknown"]
 """A certificate status in the responder's table."""
@@ -58,116 +84,12 @@ OCSP_REQUEST_TYPE = "application/ocsp-request"
 OCSP_RESPONSE_TYPE = "application/ocsp-response"
 PKIX_CERT_TYPE = "application/pkix-cert"
 
-OVERSIZE_BYTES = 1 << 20
-"""The body size of :attr:`Fault.OVERSIZE` (1 MiB)."""
-
-GZIP_BOMB_BYTES = 100 << 20
-"""What the body of :attr:`Fault.GZIP_BOMB` inflates to (100 MiB of zeros)."""
-
-REDIRECT_FILE_URL = "file:///etc/passwd"
-"""Where :attr:`Fault.REDIRECT_FILE` sends the client."""
-
-REDIRECT_FTP_URL = "ftp://127.0.0.1/ocsp"
-"""Where :attr:`Fault.REDIRECT_FTP` sends the client."""
-
-
-class Fault(enum.Enum):
-    """What the responder should get wrong, set with ``responder.fault = Fault.X`` (or ``"x"``).
-
-    Faults apply to OCSP requests only; :meth:`OcspResponder.serve_issuer` paths always work.
-    """
-
-    # Transport and HTTP faults.
-    DOWN = "down"
-    """Accept the TCP connection, read the request, reset the connection (no HTTP response).
-    (For a responder that is not listening at all, :meth:`OcspResponder.close` it.)"""
-    CONNECTION_RESET = "connection_reset"
-    """Send the status line, the headers and half of a valid response, then reset the
-    connection: a reset in the middle of the body rather than before any answer."""
-    SLOW = "slow"
-    """Wait ``responder.slow_seconds`` (real time) before answering normally."""
-    SLOW_BODY = "slow_body"
-    """Send the headers and the first byte of a valid response at once, the rest after
-    ``responder.slow_seconds`` (real time): only a total timeout, not a header timeout, ends
-    the wait."""
-    HTTP_404 = "http_404"
-    """HTTP 404 with a text body (a responder URL that moved)."""
-    HTTP_500 = "http_500"
-    """HTTP 500 with a text body."""
-    HTTP_503 = "http_503"
-    """HTTP 503 with a text body and ``Retry-After: 120`` (an overloaded responder)."""
-    REDIRECT_LOOP = "redirect_loop"
-    """HTTP 307 back to the same URL, every time."""
-    REDIRECT_FILE = "redirect_file"
-    """HTTP 302 to ``file:///etc/passwd`` (:data:`REDIRECT_FILE_URL`): a client must not follow
-    a redirect out of HTTP."""
-    REDIRECT_FTP = "redirect_ftp"
-    """HTTP 302 to ``ftp://127.0.0.1/ocsp`` (:data:`REDIRECT_FTP_URL`)."""
-    GZIP_BOMB = "gzip_bomb"
-    """HTTP 200, ``application/ocsp-response``, ``Content-Encoding: gzip``, chunked (no
-    Content-Length to refuse early): about 100 KiB that inflate to :data:`GZIP_BOMB_BYTES` of
-    zeros."""
-    HTML_ERROR = "html_error"
-    """HTTP 200 with a ``text/html`` error page, like a captive portal or a misconfigured CDN."""
-    WRONG_CONTENT_TYPE = "wrong_content_type"
-    """The correct DER response, labelled ``text/plain``."""
-    # Unsuccessful OCSP responses (responseStatus other than successful).
-    TRY_LATER = "try_later"
-    """responseStatus ``tryLater``."""
-    UNAUTHORIZED = "unauthorized"
-    """responseStatus ``unauthorized``."""
-    MALFORMED_REQUEST = "malformed_request"
-    """responseStatus ``malformedRequest``."""
-    # Broken bodies.
-    GARBAGE = "garbage"
-    """Random bytes that are not DER, labelled ``application/ocsp-response``."""
-    TRUNCATED = "truncated"
-    """The first half of a valid response."""
-    OVERSIZE = "oversize"
-    """A 1 MiB body: a valid response followed by zero padding."""
-    # Signed, well-formed responses that must not be stapled (or must be stapled with care).
-    UNKNOWN = "unknown"
-    """Status ``unknown`` whatever the table says."""
-    REVOKED = "revoked"
-    """Status ``revoked`` (key compromise, an hour before thisUpdate) whatever the table says."""
-    EXPIRED = "expired"
-    """nextUpdate one minute ago, thisUpdate one validity period before that."""
-    FUTURE = "future"
-    """thisUpdate one day from now."""
-    NO_NEXT_UPDATE = "no_next_update"
-    """No nextUpdate field."""
-    WRONG_SIGNER = "wrong_signer"
-    """Signed by ``pki.rogue``, responder ID by the rogue CA's name."""
-    SIGNER_WITHOUT_EKU = "signer_without_eku"
-    """Signed by the issuer's delegated responder certificate that lacks the OCSPSigning EKU,
-    embedded in the response."""
-    WRONG_CERT = "wrong_cert"
-    """A valid signed response about another serial number (the requested one plus one)."""
-    REPLAY = "replay"
-    """The first response the responder signed, without a fault, for the same CertIDs,
-    re-sent unchanged: validly signed, but older than anything fetched since. If none was
-    signed yet, the request is answered normally (and that answer is the one replayed)."""
-
 
 @dataclass(frozen=True, slots=True)
 class _Status:
     status: CertStatusName
     revocation_time: datetime | None = None
     reason: x509.ReasonFlags | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _CertId:
-    algorithm: hashes.HashAlgorithm
-    name_hash: bytes
-    key_hash: bytes
-    serial: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Request:
-    cert_ids: tuple[_CertId, ...]
-    nonce: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,14 +389,14 @@ class OcspResponder:
 
     def _answer(self, request_der: bytes | None, fault: Fault | None) -> _Answer:
         """The answer to one decoded request body (``None``: undecodable), fault applied."""
-        if fault in _UNSUCCESSFUL:
+        if fault in UNSUCCESSFUL:
             assert fault is not None
-            return _unsuccessful(_UNSUCCESSFUL[fault], fault.value)
+            return _unsuccessful(UNSUCCESSFUL[fault], fault.value)
         if fault is Fault.GARBAGE:
             return _Answer(b"\x00staple.testing garbage\xff" + os.urandom(64), fault.value)
-        if fault in _HTTP_ERRORS:
+        if fault in HTTP_ERRORS:
             assert fault is not None
-            status, text, headers = _HTTP_ERRORS[fault]
+            status, text, headers = HTTP_ERRORS[fault]
             return _Answer(
                 f"{status} {text} (staple.testing fault {fault.value})\n".encode(),
                 fault.value,
@@ -487,7 +409,7 @@ class OcspResponder:
             return _Answer(page, fault.value, content_type="text/html")
 
         try:
-            request = _parse_request(request_der) if request_der is not None else None
+            request = parse_request(request_der) if request_der is not None else None
         except (ValueError, IndexError, KeyError):
             request = None
         if request is None:
@@ -512,7 +434,7 @@ class OcspResponder:
             return _Answer(padded, fault.value)
         return answer
 
-    def _successful(self, request: _Request, fault: Fault | None) -> _Answer:
+    def _successful(self, request: Request, fault: Fault | None) -> _Answer:
         cas = [self._ca_for(cert_id) for cert_id in request.cert_ids]
         ca = cas[0]
         if ca is None or any(other is not ca for other in cas):
@@ -586,11 +508,11 @@ class OcspResponder:
                     builder = builder.add_extension(x509.OCSPNonce(request.nonce), False)
             response = builder.sign(key, signature_hash(key))
             template = template or response
-            singles.append(_single_responses(response.tbs_response_bytes)[0])
+            singles.append(single_responses(response.tbs_response_bytes)[0])
             statuses.append(entry.status)
 
         assert template is not None
-        der = _reassemble(template, singles, now, key)
+        der = reassemble(template, singles, now, key)
         return _Answer(der, fault.value if fault else ",".join(statuses), this_update=this_update)
 
     # -- HTTP ---------------------------------------------------------------------------------
@@ -613,10 +535,10 @@ class OcspResponder:
         if fault is Fault.DOWN:
             self._record(method, fault.value)
             return self._reset(request)
-        if fault in _REDIRECTS:
+        if fault in REDIRECTS:
             assert fault is not None
             self._record(method, fault.value)
-            status, location = _REDIRECTS[fault]
+            status, location = REDIRECTS[fault]
             return web.Response(
                 status=status,
                 text=f"staple.testing fault {fault.value}\n",
@@ -645,7 +567,7 @@ class OcspResponder:
                 )
             request_der: bytes | None = await request.read()
         else:
-            request_der = _decode_get_path(path)
+            request_der = decode_get_path(path)
 
         if fault is Fault.GZIP_BOMB:
             self._record(method, fault.value)
@@ -697,7 +619,7 @@ class OcspResponder:
             headers={"Content-Type": OCSP_RESPONSE_TYPE, "Content-Encoding": "gzip"}
         )
         response.enable_chunked_encoding()
-        bomb = _gzip_bomb()
+        bomb = gzip_bomb()
         with contextlib.suppress(ConnectionError):
             await response.prepare(request)
             for start in range(0, len(bomb), 16 * 1024):
@@ -760,31 +682,13 @@ class OcspResponder:
                 return ca
         raise ValueError(f"no CA of {self.pki!r} is named {name.rfc4514_string()}; pass issuer=")
 
-    def _ca_for(self, cert_id: _CertId) -> CA | None:
+    def _ca_for(self, cert_id: CertId) -> CA | None:
         for ca in self.pki.cas:
-            name_hash, key_hash = _issuer_hashes(ca.cert, cert_id.algorithm)
+            name_hash, key_hash = issuer_hashes(ca.cert, cert_id.algorithm)
             if (name_hash, key_hash) == (cert_id.name_hash, cert_id.key_hash):
                 return ca
         return None
 
-
-_UNSUCCESSFUL = {
-    Fault.TRY_LATER: x509_ocsp.OCSPResponseStatus.TRY_LATER,
-    Fault.UNAUTHORIZED: x509_ocsp.OCSPResponseStatus.UNAUTHORIZED,
-    Fault.MALFORMED_REQUEST: x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST,
-}
-
-_HTTP_ERRORS: dict[Fault, tuple[int, str, tuple[tuple[str, str], ...]]] = {
-    Fault.HTTP_404: (404, "Not Found", ()),
-    Fault.HTTP_500: (500, "Internal Server Error", ()),
-    Fault.HTTP_503: (503, "Service Unavailable", (("Retry-After", "120"),)),
-}
-
-_REDIRECTS: dict[Fault, tuple[int, str | None]] = {
-    Fault.REDIRECT_LOOP: (307, None),  # None: back to the request's own path
-    Fault.REDIRECT_FILE: (302, REDIRECT_FILE_URL),
-    Fault.REDIRECT_FTP: (302, REDIRECT_FTP_URL),
-}
 
 _CERT_STATUS = {
     "good": x509_ocsp.OCSPCertStatus.GOOD,
@@ -793,17 +697,7 @@ _CERT_STATUS = {
 }
 
 
-@functools.cache
-def _gzip_bomb() -> bytes:
-    """GZIP_BOMB_BYTES of zeros, gzipped (about 100 KiB), built once without holding them."""
-    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-    block = bytes(1 << 20)
-    parts = [compressor.compress(block) for _ in range(GZIP_BOMB_BYTES // len(block))]
-    parts.append(compressor.flush())
-    return b"".join(parts)
-
-
-def _request_key(request: _Request) -> tuple[tuple[str, bytes, bytes, int], ...]:
+def _request_key(request: Request) -> tuple[tuple[str, bytes, bytes, int], ...]:
     """The CertIDs of a request, hashable: what REPLAY remembers first responses by."""
     return tuple((c.algorithm.name, c.name_hash, c.key_hash, c.serial) for c in request.cert_ids)
 
@@ -813,209 +707,3 @@ def _unsuccessful(status: x509_ocsp.OCSPResponseStatus, outcome: str) -> _Answer
         serialization.Encoding.DER
     )
     return _Answer(der, outcome)
-
-
-def _decode_get_path(path: str) -> bytes | None:
-    """The DER request in a GET path ``[/prefix...]/<base64>`` (RFC 6960 A.1), or ``None``.
-
-    The base64 may contain ``/``, so each suffix of the path's segments is tried, longest
-    first, until one decodes to something shaped like an OCSPRequest. URL escapes, ``+``
-    turned into a space, the URL-safe alphabet and missing padding are all tolerated.
-    """
-    segments = path.lstrip("/").split("/")
-    for i in range(len(segments)):
-        text = urllib.parse.unquote("/".join(segments[i:])).replace(" ", "+")
-        text = text.replace("-", "+").replace("_", "/")
-        text += "=" * (-len(text) % 4)
-        try:
-            der = base64.b64decode(text, validate=True)
-            _parse_request(der)
-        except (binascii.Error, ValueError, IndexError, KeyError):
-            continue
-        return der
-    return None
-
-
-# -- a little DER, enough to read requests and to edit responses -------------------------------
-#
-# cryptography parses only single-CertID requests and builds only single-response, real-time
-# responses; these helpers cover the rest. Each node is (tag, start, body, end): the header
-# begins at start, the contents span [body, end).
-
-_SEQUENCE = 0x30
-_OCTET_STRING = 0x04
-_BIT_STRING = 0x03
-_GENERALIZED_TIME = 0x18
-
-_OID_OCSP_BASIC = bytes.fromhex("06092b0601050507300101")
-_OID_OCSP_NONCE = bytes.fromhex("2b0601050507300102")
-_HASH_OIDS: dict[bytes, type[hashes.HashAlgorithm]] = {
-    bytes.fromhex("2b0e03021a"): hashes.SHA1,
-    bytes.fromhex("608648016503040204"): hashes.SHA224,
-    bytes.fromhex("608648016503040201"): hashes.SHA256,
-    bytes.fromhex("608648016503040202"): hashes.SHA384,
-    bytes.fromhex("608648016503040203"): hashes.SHA512,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class _Node:
-    tag: int
-    start: int
-    body: int
-    end: int
-
-
-def _read(data: bytes, pos: int, limit: int) -> _Node:
-    start = pos
-    tag = data[pos]
-    if tag & 0x1F == 0x1F:
-        raise ValueError("high-tag-number DER is not supported")
-    length = data[pos + 1]
-    pos += 2
-    if length & 0x80:
-        n = length & 0x7F
-        if not 1 <= n <= 4:
-            raise ValueError("bad DER length")
-        length = int.from_bytes(data[pos : pos + n], "big")
-        pos += n
-    end = pos + length
-    if end > limit:
-        raise ValueError("DER element overruns its container")
-    return _Node(tag, start, pos, end)
-
-
-def _children(data: bytes, node: _Node) -> list[_Node]:
-    out: list[_Node] = []
-    pos = node.body
-    while pos < node.end:
-        child = _read(data, pos, node.end)
-        out.append(child)
-        pos = child.end
-    return out
-
-
-def _root(data: bytes) -> _Node:
-    node = _read(data, 0, len(data))
-    if node.tag != _SEQUENCE or node.end != len(data):
-        raise ValueError("not a single DER SEQUENCE")
-    return node
-
-
-def _tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes([tag, n]) + content
-    length = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(length)]) + length + content
-
-
-def _parse_request(der: bytes) -> _Request:
-    """OCSPRequest (RFC 6960 §4.1.1) → its CertIDs and nonce. Raises ValueError/IndexError."""
-    tbs = _children(der, _root(der))[0]
-    if tbs.tag != _SEQUENCE:
-        raise ValueError("no TBSRequest")
-    items = _children(der, tbs)
-    request_list = next(n for n in items if n.tag == _SEQUENCE)
-    cert_ids: list[_CertId] = []
-    for req in _children(der, request_list):
-        cert_id = _children(der, req)[0]
-        algorithm, name_hash, key_hash, serial = _children(der, cert_id)[:4]
-        oid = _children(der, algorithm)[0]
-        cert_ids.append(
-            _CertId(
-                _HASH_OIDS[der[oid.body : oid.end]](),
-                der[name_hash.body : name_hash.end],
-                der[key_hash.body : key_hash.end],
-                int.from_bytes(der[serial.body : serial.end], "big", signed=True),
-            )
-        )
-    if not cert_ids:
-        raise ValueError("empty requestList")
-    nonce = None
-    for wrapper in (n for n in items if n.tag == 0xA2):
-        for extension in _children(der, _children(der, wrapper)[0]):
-            parts = _children(der, extension)
-            if der[parts[0].body : parts[0].end] == _OID_OCSP_NONCE:
-                value = der[parts[-1].body : parts[-1].end]
-                nonce = _octet_string_contents(value)
-    return _Request(tuple(cert_ids), nonce)
-
-
-def _octet_string_contents(value: bytes) -> bytes:
-    """The contents of a DER OCTET STRING (how RFC 8954 wraps a nonce), else ``value`` itself."""
-    try:
-        inner = _read(value, 0, len(value))
-    except (ValueError, IndexError):
-        return value
-    if inner.tag == _OCTET_STRING and inner.end == len(value):
-        return value[inner.body :]
-    return value
-
-
-def _issuer_hashes(
-    issuer: x509.Certificate, algorithm: hashes.HashAlgorithm
-) -> tuple[bytes, bytes]:
-    """The CertID issuerNameHash and issuerKeyHash of ``issuer`` under ``algorithm``."""
-    spki = issuer.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    bits = _children(spki, _root(spki))[1]
-    key_bits = spki[bits.body + 1 : bits.end]  # skip the unused-bits octet
-
-    def digest(data: bytes) -> bytes:
-        h = hashes.Hash(algorithm)
-        h.update(data)
-        return h.finalize()
-
-    return digest(issuer.subject.public_bytes()), digest(key_bits)
-
-
-def _single_responses(tbs: bytes) -> list[bytes]:
-    """The SingleResponse elements of a ResponseData, as DER."""
-    items = _children(tbs, _root(tbs))
-    produced = next(i for i, n in enumerate(items) if n.tag == _GENERALIZED_TIME)
-    return [tbs[n.start : n.end] for n in _children(tbs, items[produced + 1])]
-
-
-def _reassemble(
-    template: x509_ocsp.OCSPResponse,
-    singles: Sequence[bytes],
-    produced_at: datetime,
-    key: PrivateKey,
-) -> bytes:
-    """``template`` with producedAt and the responses replaced, signed again with ``key``."""
-    tbs = template.tbs_response_bytes
-    items = _children(tbs, _root(tbs))
-    produced = next(i for i, n in enumerate(items) if n.tag == _GENERALIZED_TIME)
-    responses = items[produced + 1]
-    new_tbs = _tlv(
-        _SEQUENCE,
-        tbs[items[0].start : items[produced].start]
-        + _tlv(_GENERALIZED_TIME, produced_at.strftime("%Y%m%d%H%M%SZ").encode("ascii"))
-        + _tlv(_SEQUENCE, b"".join(singles))
-        + tbs[responses.end :],
-    )
-    if isinstance(key, rsa.RSAPrivateKey):
-        signature = key.sign(new_tbs, padding.PKCS1v15(), hashes.SHA256())
-    elif isinstance(key, ec.EllipticCurvePrivateKey):
-        signature = key.sign(new_tbs, ec.ECDSA(hashes.SHA256()))
-    else:
-        signature = key.sign(new_tbs)
-
-    # BasicOCSPResponse: tbsResponseData, signatureAlgorithm, signature, [0] certs OPTIONAL.
-    outer = template.public_bytes(serialization.Encoding.DER)
-    response_bytes = _children(outer, _children(outer, _root(outer))[1])[0]
-    basic_octets = _children(outer, response_bytes)[1]
-    basic = outer[basic_octets.body : basic_octets.end]
-    parts = _children(basic, _root(basic))
-    rest = b"".join(basic[n.start : n.end] for n in parts[3:])
-    new_basic = _tlv(
-        _SEQUENCE,
-        new_tbs
-        + basic[parts[1].start : parts[1].end]
-        + _tlv(_BIT_STRING, b"\x00" + signature)
-        + rest,
-    )
-    body = _tlv(_SEQUENCE, _OID_OCSP_BASIC + _tlv(_OCTET_STRING, new_basic))
-    return _tlv(_SEQUENCE, b"\x0a\x01\x00" + _tlv(0xA0, body))
