@@ -488,7 +488,9 @@ def _refuse_unknown(caller: str, options: Mapping[str, Any], known: Collection[s
 
 
 _POLICY_FIELDS = frozenset(f.name for f in dataclasses.fields(RefreshPolicy))
-_STAPLER_OPTIONS = frozenset({"session", "clock", "max_concurrent_fetches"}) | _POLICY_FIELDS
+_STAPLER_OPTIONS = (
+    frozenset({"session", "clock", "max_concurrent_fetches", "proxy"}) | _POLICY_FIELDS
+)
 """:class:`~staple.Stapler`'s keywords that :func:`run_app` passes through ``**options``,
 with every :class:`~staple.RefreshPolicy` field (``wait_timeout=...``), as ``Stapler`` takes."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -67,6 +67,23 @@ def _aia(cert: x509.Certificate, method: x509.ObjectIdentifier) -> list[str]:
 def ocsp_urls(cert: x509.Certificate) -> list[str]:
     """The OCSP responder URLs from the certificate's AIA extension, in order."""
     return _aia(cert, AuthorityInformationAccessOID.OCSP)
+
+
+ResponderUrls = Sequence[str] | Mapping[str, str]
+"""``responder_urls=``: a list replacing a certificate's AIA OCSP URLs, or a mapping from AIA URL
+to the URL to ask instead."""
+
+
+def responder_urls(cert: x509.Certificate, override: ResponderUrls | None = None) -> list[str]:
+    """The URLs to ask about ``cert``: its AIA OCSP URLs, replaced or rewritten by
+    ``override`` (see :data:`ResponderUrls`; a single string is one URL)."""
+    if override is None:
+        return ocsp_urls(cert)
+    if isinstance(override, Mapping):
+        return [override.get(url, url) for url in ocsp_urls(cert)]
+    if isinstance(override, str):
+        return [override]
+    return list(override)
 
 
 def ca_issuers_urls(cert: x509.Certificate) -> list[str]:

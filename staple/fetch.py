@@ -16,11 +16,12 @@ import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from .chain import ca_issuers_urls
 from .errors import ChainError, FetchError
 from .ocsp import get_url
-from .proxy import Proxy
+from .proxy import Proxy, ProxySettings
 
-__all__ = ["Fetched", "fetch_issuer", "fetch_response"]
+__all__ = ["Fetched", "fetch_issuer", "fetch_issuer_of", "fetch_response"]
 
 OCSP_REQUEST_TYPE = "application/ocsp-request"
 OCSP_RESPONSE_TYPE = "application/ocsp-response"
@@ -182,6 +183,35 @@ async def _exchange(
     return Fetched(der=der, url=url, method=method, headers=cache)
 
 
+async def fetch_issuer_of(
+    session: aiohttp.ClientSession,
+    leaf: x509.Certificate,
+    *,
+    timeout: float = 15.0,
+    max_size: int = 64 * 1024,
+    subject: str | None = None,
+    proxies: ProxySettings | None = None,
+) -> x509.Certificate:
+    """The issuer of ``leaf``, from the first of its AIA caIssuers URLs that serves one.
+    Raises :class:`ChainError` naming each URL's failure (or that there is none)."""
+    urls = ca_issuers_urls(leaf)
+    if not urls:
+        raise ChainError(
+            "the chain holds only the leaf and it names no caIssuers URL: pass [leaf, issuer]",
+            subject=subject,
+        )
+    errors = []
+    for url in urls:
+        proxy = proxies.for_url(url) if proxies is not None else None
+        try:
+            return await fetch_issuer(
+                session, url, timeout=timeout, max_size=max_size, subject=subject, proxy=proxy
+            )
+        except ChainError as exc:
+            errors.append(exc.reason)
+    raise ChainError("could not fetch the issuer: " + "; ".join(errors), subject=subject)
+
+
 async def fetch_issuer(
     session: aiohttp.ClientSession,
     url: str,
@@ -189,24 +219,31 @@ async def fetch_issuer(
     timeout: float = 15.0,
     max_size: int = 64 * 1024,
     subject: str | None = None,
+    proxy: Proxy | None = None,
 ) -> x509.Certificate:
     """Download the issuer named by a certificate's AIA caIssuers URL (DER, PEM or PKCS#7)."""
     if not url.lower().startswith(("http://", "https://")):
         raise ChainError(f"caIssuers URL {url!r} is not HTTP", subject=subject)
+    what = f"GET {url}" + (f" via proxy {proxy.name}" if proxy is not None else "")
     try:
-        async with session.get(url, timeout=_timeout(timeout, timeout)) as resp:
+        async with session.get(
+            url,
+            timeout=_timeout(timeout, timeout),
+            proxy=proxy.url if proxy is not None else None,
+        ) as resp:
             if resp.status != 200:
-                raise ChainError(f"GET {url}: HTTP {resp.status}", subject=subject)
-            body = await _read_capped(resp, max_size, f"GET {url}")
+                raise ChainError(f"{what}: HTTP {resp.status}", subject=subject)
+            body = await _read_capped(resp, max_size, what)
     except FetchError as exc:
         raise ChainError(exc.reason, subject=subject) from None
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise ChainError(f"GET {url}: {exc or type(exc).__name__}", subject=subject) from None
+        detail = _scrub(exc, proxy) if str(exc) else type(exc).__name__
+        raise ChainError(f"{what}: {detail}", subject=subject) from None
     for load in (_load_der, _load_pem, _load_p7):
         cert = load(body)
         if cert is not None:
             return cert
-    raise ChainError(f"GET {url}: not a certificate (DER, PEM or PKCS#7)", subject=subject)
+    raise ChainError(f"{what}: not a certificate (DER, PEM or PKCS#7)", subject=subject)
 
 
 def _load_der(data: bytes) -> x509.Certificate | None:

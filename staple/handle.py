@@ -35,7 +35,7 @@ import contextlib
 import enum
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from types import TracebackType
 
@@ -44,12 +44,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from . import ocsp, policy
-from .chain import ChainInput, ca_issuers_urls, load_chain, must_staple, ocsp_urls
+from .chain import ChainInput, ResponderUrls, load_chain, must_staple
+from .chain import responder_urls as urls_for
 from .clock import Clock, SystemClock, to_datetime
 from .errors import (
     BadResponseError,
     CertificateRevokedError,
-    ChainError,
     ClosedError,
     ExpiredResponseError,
     FetchError,
@@ -60,8 +60,9 @@ from .errors import (
     ValidationError,
 )
 from .events import Event, EventKind, OnUpdate, emit
-from .fetch import fetch_issuer, fetch_response
+from .fetch import fetch_issuer_of, fetch_response
 from .policy import RefreshPolicy
+from .proxy import ProxyOption, ProxySettings
 from .response_context import ContextHolder, OcspResponseContext
 from .store import MemoryStore, Store, read_quietly, write_quietly
 
@@ -94,7 +95,6 @@ _TRANSITIONS: dict[HandleState, frozenset[HandleState]] = {
     HandleState.CLOSED: frozenset(),
 }
 
-ResponderUrls = Sequence[str] | Mapping[str, str]
 _Events = list[Event]  # reported once the attempt's lock is released
 
 
@@ -110,7 +110,7 @@ class ServerOcspResponse(ContextHolder):
     __slots__ = (  # noqa: RUF023 - grouped by concern, not sorted
         # what it serves: the chain, its CertID and request, where it asks and what it keeps
         "chain", "cert", "issuer", "cert_id", "subject", "must_staple", "urls", "store",
-        "policy", "_request", "_session", "_owns_session", "_fetch_slots", "_clock",
+        "policy", "_request", "_session", "_owns_session", "_proxies", "_fetch_slots", "_clock",
         "_on_update",
         # what it knows (the contexts it hands out are ContextHolder's)
         "_response", "_revoked", "_rejected_der", "last_error", "_expired_reported",
@@ -135,6 +135,7 @@ class ServerOcspResponse(ContextHolder):
         policy: RefreshPolicy,
         on_update: OnUpdate | None,
         fetch_slots: asyncio.Semaphore | None = None,
+        proxies: ProxySettings | None = None,
     ) -> None:
         self.chain = chain
         self.cert = chain[0]
@@ -149,6 +150,7 @@ class ServerOcspResponse(ContextHolder):
         self._session = session
         self._fetch_slots = fetch_slots
         self._owns_session = owns_session
+        self._proxies = proxies or ProxySettings()
         self._clock = clock
         super().__init__(clock.time)  # bound once: get_context() is the hot path
         self._on_update = on_update
@@ -469,6 +471,7 @@ class ServerOcspResponse(ContextHolder):
                     connect_timeout=self.policy.connect_timeout,
                     max_size=self.policy.max_response_size,
                     subject=self.subject,
+                    proxy=self._proxies.for_url(url),
                 )
                 now = self._now()
                 verified = self._validate(fetched.der, now=now)
@@ -678,6 +681,7 @@ async def open_server_ocsp_response(
     clock: Clock | None = None,
     policy: RefreshPolicy | None = None,
     fetch_slots: asyncio.Semaphore | None = None,
+    proxy: ProxyOption | ProxySettings = None,
 ) -> ServerOcspResponse:
     """Open a handle for ``chain`` (leaf first) and start its refresher.
 
@@ -689,9 +693,14 @@ async def open_server_ocsp_response(
     ``fetch_slots`` bounds concurrent fetches across the handles that share it (a
     :class:`~staple.Stapler` shares one), so a mass refresh queues instead of timing out.
 
-    Raises :class:`ChainError` for an unusable chain and :class:`NoResponderError` when there is
-    no responder to ask.
+    ``proxy`` is the HTTP proxy for responder (and caIssuers) requests: a URL, ``False`` for
+    none, or ``None`` (the default) for the environment's ``http_proxy``/``https_proxy``/
+    ``no_proxy``, as curl reads them (:mod:`staple.proxy`).
+
+    Raises :class:`ChainError` for an unusable chain, :class:`NoResponderError` when there is
+    no responder to ask, and ``ValueError`` for a proxy URL that is not ``http://``.
     """
+    proxies = proxy if isinstance(proxy, ProxySettings) else ProxySettings.resolve(proxy)
     certs = load_chain(chain)
     # What the handle needs of the leaf's names and extensions is read off a throw-away copy:
     # cryptography keeps every parsed name and extension (~8 KiB) on a certificate once read,
@@ -699,7 +708,7 @@ async def open_server_ocsp_response(
     leaf = x509.load_der_x509_certificate(certs[0].public_bytes(serialization.Encoding.DER))
     subject = ocsp.describe(leaf)
     policy = policy or RefreshPolicy()
-    urls = _responder_urls(leaf, responder_urls)
+    urls = urls_for(leaf, responder_urls)
     if not urls:
         raise NoResponderError(
             "the certificate names no OCSP responder (AIA) and no responder_urls were given",
@@ -710,7 +719,15 @@ async def open_server_ocsp_response(
         session = aiohttp.ClientSession()
     try:
         if len(certs) < 2:
-            certs.append(await _fetch_issuer(session, leaf, subject, policy))
+            issuer = await fetch_issuer_of(
+                session,
+                leaf,
+                timeout=policy.fetch_timeout,
+                max_size=policy.max_response_size,
+                subject=subject,
+                proxies=proxies,
+            )
+            certs.append(issuer)
         ocsp.check_issued_by(leaf, certs[1])
         handle = ServerOcspResponse(
             certs,
@@ -724,6 +741,7 @@ async def open_server_ocsp_response(
             policy=policy,
             on_update=on_update,
             fetch_slots=fetch_slots,
+            proxies=proxies,
         )
     except BaseException:
         if owns_session:
@@ -735,40 +753,3 @@ async def open_server_ocsp_response(
         await handle.close()
         raise
     return handle
-
-
-def _responder_urls(leaf: x509.Certificate, override: ResponderUrls | None) -> list[str]:
-    if override is None:
-        return ocsp_urls(leaf)
-    if isinstance(override, Mapping):
-        return [override.get(url, url) for url in ocsp_urls(leaf)]
-    if isinstance(override, str):
-        return [override]
-    return list(override)
-
-
-async def _fetch_issuer(
-    session: aiohttp.ClientSession,
-    leaf: x509.Certificate,
-    subject: str,
-    policy: RefreshPolicy,
-) -> x509.Certificate:
-    urls = ca_issuers_urls(leaf)
-    if not urls:
-        raise ChainError(
-            "the chain holds only the leaf and it names no caIssuers URL: pass [leaf, issuer]",
-            subject=subject,
-        )
-    errors = []
-    for url in urls:
-        try:
-            return await fetch_issuer(
-                session,
-                url,
-                timeout=policy.fetch_timeout,
-                max_size=policy.max_response_size,
-                subject=subject,
-            )
-        except ChainError as exc:
-            errors.append(exc.reason)
-    raise ChainError("could not fetch the issuer: " + "; ".join(errors), subject=subject)

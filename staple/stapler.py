@@ -29,6 +29,7 @@ from .clock import Clock
 from .errors import ClosedError, StapleRefused
 from .handle import OnUpdate, ResponderUrls, ServerOcspResponse, open_server_ocsp_response
 from .policy import RefreshPolicy
+from .proxy import ProxyOption, ProxySettings
 from .store import MemoryStore, Store
 from .tls import call_when_closed
 
@@ -56,7 +57,9 @@ class Stapler:
     """Keeps OCSP responses for many certificate chains and staples them into handshakes.
 
     ``policy_options`` are :class:`RefreshPolicy` fields (``margin=...``) for convenience.
-    At most ``max_concurrent_fetches`` requests are in flight at once, across all handles.
+    At most ``max_concurrent_fetches`` requests are in flight at once, across all handles;
+    ``proxy`` is their HTTP proxy: a URL, ``False`` for none, or ``None`` (the default) for the
+    environment's ``http_proxy``/``https_proxy``/``no_proxy`` (:mod:`staple.proxy`).
     Close it with :meth:`close` or ``async with``; after that :meth:`add` raises
     :class:`~staple.ClosedError`.
     """
@@ -71,10 +74,13 @@ class Stapler:
         policy: RefreshPolicy | None = None,
         must_staple: MustStaple | str = MustStaple.LENIENT,
         max_concurrent_fetches: int = 16,
+        proxy: ProxyOption = None,
         **policy_options: Any,
     ) -> None:
         if policy is not None and policy_options:
             raise TypeError("pass either policy= or policy options, not both")
+        self.proxies = ProxySettings.resolve(proxy)
+        """Which HTTP proxy each responder URL is fetched through (resolved once, here)."""
         self.policy = policy or RefreshPolicy(**policy_options)
         self.store = store if store is not None else MemoryStore()
         self.must_staple = MustStaple(must_staple)
@@ -168,6 +174,7 @@ class Stapler:
             clock=self._clock,
             policy=self.policy,
             fetch_slots=self._fetch_slots,
+            proxy=self.proxies,
         )
         if self._closed:  # close() began as the open finished: it must not outlive us
             await handle.close()

@@ -3,16 +3,19 @@ fetches through a real ``tinyproxy``."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from staple import ocsp
+import staple
+from staple import cli, ocsp
 from staple.errors import FetchError
 from staple.fetch import fetch_response
 from staple.proxy import Proxy, ProxySettings
+from staple.stapler import Stapler
 from staple.testing import Leaf, OcspResponder, TestPKI
 
 from .external import require
@@ -187,3 +190,59 @@ async def test_dead_proxy_is_a_fetch_error_naming_it(session, leaf, responder) -
     assert "cannot connect to the proxy" in message
     assert "hunter2" not in message and "bob" not in message
     assert responder.requests == 0
+
+
+# -- the handle, the Stapler and the command through the proxy --------------------------------
+
+
+async def test_stapler_follows_the_environment(monkeypatch, pki, responder, open_proxy) -> None:
+    monkeypatch.setenv("http_proxy", open_proxy.url)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    leaf = pki.issue_leaf("env.test", ocsp_url=responder.url)
+    async with Stapler() as stapler:
+        handle = await stapler.add(leaf.chain)
+        assert handle.get_context() is not None
+    assert open_proxy.requests() == 1
+    monkeypatch.setenv("no_proxy", "localhost,127.0.0.0/8")  # the responder is reached directly
+    async with Stapler() as stapler:
+        handle = await stapler.add(leaf.chain)
+        assert handle.get_context() is not None
+    assert open_proxy.requests() == 1
+
+
+async def test_proxy_false_ignores_the_environment(monkeypatch, pki, responder, open_proxy):
+    monkeypatch.setenv("http_proxy", open_proxy.url)
+    leaf = pki.issue_leaf("direct.test", ocsp_url=responder.url)
+    async with Stapler(proxy=False) as stapler:
+        await stapler.add(leaf.chain)
+    assert open_proxy.requests() == 0
+    assert responder.requests == 1
+
+
+async def test_credentials_stay_out_of_events_and_logs(pki, responder, caplog) -> None:
+    port = free_port()  # a dead proxy
+    events: list[staple.Event] = []
+    leaf = pki.issue_leaf("secret.test", ocsp_url=responder.url)
+    async with Stapler(proxy=f"http://bob:hunter2@127.0.0.1:{port}", on_update=events.append) as s:
+        handle = await s.add(leaf.chain)
+        assert handle.get_context() is None
+        assert f"via proxy http://127.0.0.1:{port}" in str(handle.last_error)
+    assert events and caplog.records
+    for text in [*map(str, events), caplog.text, str(handle.last_error)]:
+        assert "hunter2" not in text and "bob" not in text
+
+
+async def test_check_command_through_a_proxy(pki, responder, open_proxy, tmp_path) -> None:
+    leaf = pki.issue_leaf("cli.test", ocsp_url=responder.url)
+    leaf.write_chain(tmp_path / "chain.pem")
+    out = io.StringIO()
+    argv = ["check", str(tmp_path / "chain.pem"), "--proxy", open_proxy.url, "--timeout", "5"]
+    assert await cli.run(argv, out=out) == 0
+    assert open_proxy.requests() == 1
+    dead = f"http://127.0.0.1:{free_port()}"
+    out = io.StringIO()
+    argv = ["check", str(tmp_path / "chain.pem"), "--proxy", dead, "--timeout", "5"]
+    assert await cli.run(argv, out=out) == 4
+    assert f"via proxy {dead}" in out.getvalue()
+    assert await cli.run(["check", str(tmp_path / "chain.pem"), "--proxy", "socks5://x:1"]) == 2

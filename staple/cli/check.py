@@ -16,6 +16,7 @@ from ..errors import ChainError, NoResponderError, OcspError, UnknownStatusError
 from ..handle import Event, EventKind, ServerOcspResponse, open_server_ocsp_response
 from ..ocsp import CertStatus
 from ..policy import RefreshPolicy
+from .options import add_proxy_argument, proxy_option
 
 __all__ = ["add_arguments", "run"]
 
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=15.0, help="seconds to wait for the responder"
     )
+    add_proxy_argument(parser)
 
 
 async def run(args: argparse.Namespace, out: TextIO) -> int:
@@ -53,9 +55,13 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
     policy = RefreshPolicy(wait_timeout=args.timeout, fetch_timeout=args.timeout)
     try:
         handle = await open_server_ocsp_response(
-            chain, responder_urls=args.responder, policy=policy, on_update=events.append
+            chain,
+            responder_urls=args.responder,
+            policy=policy,
+            on_update=events.append,
+            proxy=proxy_option(args.proxy),
         )
-    except (ChainError, NoResponderError) as exc:
+    except (ChainError, NoResponderError, ValueError) as exc:
         print(f"staple check: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:

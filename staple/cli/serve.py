@@ -41,11 +41,19 @@ from typing import TextIO
 from ..aiohttp import StaplingServer, StartError
 from ..handle import Event, ServerOcspResponse
 from ..policy import RefreshPolicy
+from ..proxy import ProxyOption
 from ..server_context import TLSProfile
 from ..stapler import Stapler
 from ..static_files import SmallFiles
 from ..status_page import status_app, status_line
-from .stores import add_store_arguments, check_store_url, default_cache_dir, open_store
+from .options import (
+    add_proxy_argument,
+    add_store_arguments,
+    check_store_url,
+    default_cache_dir,
+    open_store,
+    proxy_option,
+)
 
 __all__ = [
     "LOOPS",
@@ -93,6 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8443, help="0 picks a free port (8443)")
     add_store_arguments(parser)
+    add_proxy_argument(parser)
     parser.add_argument(
         "--responder", metavar="URL", help="ask this OCSP URL instead of each certificate's AIA one"
     )
@@ -126,6 +135,11 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
     except LoopUnavailable as exc:
         print(f"staple serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        proxy = proxy_option(args.proxy)
+    except ValueError as exc:
+        print(f"staple serve: --proxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     config = ServeConfig(
         certs=list(zip(args.cert, args.key, strict=True)),
         host=args.host,
@@ -135,6 +149,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
         responder=args.responder,
         static=args.static,
         tls_profile=TLSProfile(args.tls_profile),
+        proxy=proxy,
     )
     return await serve(config, out=out)
 
@@ -160,6 +175,8 @@ class ServeConfig:
     """Refresh and validation knobs (tests shorten timeouts); default production values."""
     tls_profile: TLSProfile = TLSProfile.INTERMEDIATE
     """Mozilla's intermediate (TLS 1.2 and 1.3) or modern (TLS 1.3 only) settings."""
+    proxy: ProxyOption = None
+    """The responders' HTTP proxy (:mod:`staple.proxy`): a URL, ``False``, or the environment."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +235,9 @@ async def serve(
         return cannot_start(str(exc))
     store = await open_store(cache_dir=config.cache_dir, store_url=config.store_url)
     try:
-        stapler = Stapler(store=store, policy=config.policy, on_update=on_update)
+        stapler = Stapler(
+            store=store, policy=config.policy, on_update=on_update, proxy=config.proxy
+        )
         static = Path(config.static) if config.static is not None else None
         files = SmallFiles(static) if static is not None else None
         server = StaplingServer(

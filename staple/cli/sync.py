@@ -22,10 +22,17 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import ChainError, NoResponderError
+from ..proxy import ProxyOption
 from ..status_page import status_line
 from ..store import Store
 from ..sync import OnExpiry, StapleFiles
-from .stores import add_store_arguments, check_store_url, open_store
+from .options import (
+    add_proxy_argument,
+    add_store_arguments,
+    check_store_url,
+    open_store,
+    proxy_option,
+)
 
 __all__ = ["add_arguments", "run"]
 
@@ -89,6 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--once", action="store_true", help="fetch, write, push, then exit")
     add_store_arguments(parser)
+    add_proxy_argument(parser)
     parser.add_argument(
         "--responder", metavar="URL", help="ask this OCSP URL instead of each certificate's AIA one"
     )
@@ -102,6 +110,10 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
     bad_store = check_store_url(args.store)
     if bad_store is not None:
         return _usage(bad_store)
+    try:
+        proxy = proxy_option(args.proxy)
+    except ValueError as exc:
+        return _usage(f"--proxy: {exc}")
     # What happens to the files is what an operator wants to see, with or without -v.
     logging.getLogger("staple.sync").setLevel(logging.INFO)
     store = await open_store(
@@ -109,18 +121,21 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
     )
     with _stop_on_signals() as stop:
         try:
-            return await _sync(args, out, store, stop)
+            return await _sync(args, out, store, stop, proxy)
         finally:
             await store.close()
 
 
-async def _sync(args: argparse.Namespace, out: TextIO, store: Store, stop: asyncio.Event) -> int:
+async def _sync(
+    args: argparse.Namespace, out: TextIO, store: Store, stop: asyncio.Event, proxy: ProxyOption
+) -> int:
     files = StapleFiles(
         haproxy_sockets=args.haproxy_socket,
         on_change=args.on_change,
         on_change_timeout=args.on_change_timeout,
         on_expiry=args.on_expiry,
         store=store,
+        proxy=proxy,
     )
     async with files:
         responder_urls = [args.responder] if args.responder else None

@@ -1,5 +1,5 @@
-"""The store options every long-running command takes: ``--cache-dir``, ``--no-cache``,
-``--store redis://...``; and opening the store they name."""
+"""Options several commands share: the store (``--cache-dir``, ``--no-cache``,
+``--store redis://...``) and opening it; the responder proxy (``--proxy``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,17 @@ import argparse
 import os
 from pathlib import Path
 
+from ..proxy import ProxyOption, ProxySettings
 from ..store import FileStore, MemoryStore, Store
 
-__all__ = ["add_store_arguments", "check_store_url", "default_cache_dir", "open_store"]
+__all__ = [
+    "add_proxy_argument",
+    "add_store_arguments",
+    "check_store_url",
+    "default_cache_dir",
+    "open_store",
+    "proxy_option",
+]
 
 STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -61,3 +69,22 @@ async def open_store(*, cache_dir: str | os.PathLike[str] | None, store_url: str
     if cache_dir is not None:
         return FileStore(cache_dir)
     return MemoryStore()
+
+
+def add_proxy_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="fetch from responders through this HTTP proxy (http://[USER:PASS@]HOST:PORT); "
+        "'none' for none; default: the http_proxy/https_proxy/no_proxy environment, as curl",
+    )
+
+
+def proxy_option(value: str | None) -> ProxyOption:
+    """``--proxy VALUE`` as ``proxy=`` takes it. Raises ValueError for an unusable URL."""
+    if value is None:
+        return None
+    if value.strip().lower() == "none":
+        return False
+    ProxySettings.resolve(value)  # refuse a bad URL up front, with its reason
+    return value
