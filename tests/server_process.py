@@ -1,0 +1,98 @@
+"""A server program run as a subprocess (uvicorn, gunicorn), watched through its output.
+
+Both output streams are read as they come (so a chatty server never blocks on a full pipe);
+tests wait for a line matching a pattern, with a bounded deadline, instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEADLINE = 60.0
+
+
+class ServerProcess:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []  # stdout and stderr, interleaved as read
+        self._changed = asyncio.Condition()
+        assert proc.stdout is not None and proc.stderr is not None
+        self._readers = [
+            asyncio.create_task(self._read(proc.stdout)),
+            asyncio.create_task(self._read(proc.stderr)),
+        ]
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            async with self._changed:
+                self.lines.append(line.decode(errors="replace"))
+                self._changed.notify_all()
+        async with self._changed:
+            self._changed.notify_all()
+
+    def matches(self, pattern: str) -> list[re.Match[str]]:
+        return [m for line in self.lines if (m := re.search(pattern, line))]
+
+    async def wait_for(
+        self, pattern: str, count: int = 1, timeout: float = DEADLINE
+    ) -> re.Match[str]:
+        """The first line matching ``pattern`` once ``count`` lines match; fails if the process
+        ends first or after ``timeout`` seconds, showing what it printed."""
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                while len(found := self.matches(pattern)) < count:
+                    if all(reader.done() for reader in self._readers):
+                        raise AssertionError(f"exited before {pattern!r}:\n{self.output}")
+                    await self._changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"no {pattern!r} within {timeout} s:\n{self.output}") from None
+        return found[0]
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = DEADLINE) -> int:
+        """Send ``sig`` and wait for the exit status."""
+        self.proc.send_signal(sig)
+        return await self.wait(timeout)
+
+    async def wait(self, timeout: float = DEADLINE) -> int:
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await asyncio.gather(*self._readers)
+        return code
+
+
+@asynccontextmanager
+async def server_process(
+    *argv: str, env: Mapping[str, str] | None = None
+) -> AsyncIterator[ServerProcess]:
+    """Run ``argv`` from the repository root (so ``tests.asgi_apps`` imports); kill it if the
+    block leaves it running."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=ROOT,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONWARNINGS": "error", **(env or {})},
+    )
+    server = ServerProcess(proc)
+    try:
+        yield server
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await server.wait()
+
+
+def python(code: str) -> tuple[str, ...]:
+    return (sys.executable, "-c", code)
