@@ -1,4 +1,5 @@
-"""A server program run as a subprocess (uvicorn, gunicorn), watched through its output.
+"""A server program run as a subprocess (uvicorn, gunicorn), watched through its output, and
+the curl client the tests point at it.
 
 Both output streams are read as they come (so a chatty server never blocks on a full pipe);
 tests wait for a line matching a pattern, with a bounded deadline, instead of sleeping.
@@ -15,8 +16,14 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from staple.testing import Leaf
+
+from .external import require
+
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 60.0
+HOST = "127.0.0.1"
+CURL_BAD_STAPLE = 91  # CURLE_SSL_INVALIDCERTSTATUS (Debian curl 7.88)
 
 
 class ServerProcess:
@@ -96,3 +103,24 @@ async def server_process(
 
 def python(code: str) -> tuple[str, ...]:
     return (sys.executable, "-c", code)
+
+
+def files(tmp_path: Path, leaf: Leaf, name: str = "leaf") -> tuple[Path, Path]:
+    chain, key = tmp_path / f"{name}.chain.pem", tmp_path / f"{name}.key.pem"
+    leaf.write_chain(chain)
+    leaf.write_key(key)
+    return chain, key
+
+
+async def curl(port: int, ca: Path, *args: str, cert_status: bool = True) -> tuple[int, str]:
+    """``curl --cert-status`` (verifies the staple: exit 91 when missing or bad)."""
+    if cert_status:
+        args = ("--cert-status", *args)
+    proc = await asyncio.create_subprocess_exec(
+        require("curl"), "-sS", "--cacert", str(ca),
+        "--resolve", f"localhost:{port}:{HOST}", *args, f"https://localhost:{port}/",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, (out + err).decode(errors="replace")

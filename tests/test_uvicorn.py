@@ -20,13 +20,18 @@ import uvicorn
 import websockets
 
 import staple.uvicorn
-from staple.testing import Fault, Leaf, OcspResponder, TestPKI
+from staple.testing import Fault, OcspResponder, TestPKI
 
-from .external import require
-from .server_process import ServerProcess, python, server_process
+from .server_process import (
+    CURL_BAD_STAPLE,
+    HOST,
+    ServerProcess,
+    curl,
+    files,
+    python,
+    server_process,
+)
 
-HOST = "127.0.0.1"
-CURL_BAD_STAPLE = 91  # CURLE_SSL_INVALIDCERTSTATUS
 RUNNING = r"Uvicorn running on https://127\.0\.0\.1:(\d+), stapling"
 
 
@@ -48,13 +53,6 @@ def ca_file(pki: TestPKI, tmp_path: Path) -> Path:
     return path
 
 
-def files(tmp_path: Path, leaf: Leaf, name: str = "leaf") -> tuple[Path, Path]:
-    chain, key = tmp_path / f"{name}.chain.pem", tmp_path / f"{name}.key.pem"
-    leaf.write_chain(chain)
-    leaf.write_key(key)
-    return chain, key
-
-
 def uvicorn_run(chain: Path, key: Path, **options: object) -> tuple[str, ...]:
     """The command: ``staple.uvicorn.run(tests.asgi_apps.app, ...)`` on a free port."""
     options = {"host": HOST, "port": 0, **options}
@@ -71,20 +69,6 @@ async def started(server: ServerProcess, status: str = "stapling good") -> int:
     port = int((await server.wait_for(RUNNING)).group(1))
     await server.wait_for(status)
     return port
-
-
-async def curl(port: int, ca: Path, *args: str, cert_status: bool = True) -> tuple[int, str]:
-    """``curl --cert-status`` (verifies the staple: exit 91 when missing or bad)."""
-    if cert_status:
-        args = ("--cert-status", *args)
-    proc = await asyncio.create_subprocess_exec(
-        require("curl"), "-sS", "--cacert", str(ca),
-        "--resolve", f"localhost:{port}:{HOST}", *args, f"https://localhost:{port}/",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, (out + err).decode(errors="replace")
 
 
 def cache_env(tmp_path: Path) -> dict[str, str]:
@@ -105,7 +89,6 @@ async def stopped_cleanly(server: ServerProcess, sig: signal.Signals) -> None:
 async def test_curl_verifies_the_staple_and_the_app_sees_https(
     pki, responder, tmp_path, ca_file, http
 ) -> None:
-    require("curl")
     leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
     command = uvicorn_run(*files(tmp_path, leaf), http=http)
     async with server_process(*command, env=cache_env(tmp_path)) as server:
@@ -125,7 +108,6 @@ async def test_curl_verifies_the_staple_and_the_app_sees_https(
 @pytest.mark.external
 async def test_revoked_staple_fails_curl(pki, responder, tmp_path, ca_file) -> None:
     """The broken twin: the same server stapling a revocation; curl must refuse it."""
-    require("curl")
     leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
     responder.revoke(leaf)
     async with server_process(*uvicorn_run(*files(tmp_path, leaf)), env=cache_env(tmp_path)) as s:
@@ -138,7 +120,6 @@ async def test_revoked_staple_fails_curl(pki, responder, tmp_path, ca_file) -> N
 @pytest.mark.external
 async def test_responder_down_cold_cache_fails_curl(pki, responder, tmp_path, ca_file) -> None:
     """Nothing cached and the responder down: served, but without a staple; curl refuses."""
-    require("curl")
     leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
     responder.fault = Fault.DOWN
     async with server_process(*uvicorn_run(*files(tmp_path, leaf)), env=cache_env(tmp_path)) as s:
