@@ -8,6 +8,7 @@ tests wait for a line matching a pattern, with a bounded deadline, instead of sl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -38,6 +39,11 @@ class ServerProcess:
         ]
 
     @property
+    def finished(self) -> bool:
+        """Every process that held its output (gunicorn's workers too) has closed it."""
+        return all(reader.done() for reader in self._readers)
+
+    @property
     def output(self) -> str:
         return "".join(self.lines)
 
@@ -60,7 +66,7 @@ class ServerProcess:
         try:
             async with asyncio.timeout(timeout), self._changed:
                 while len(found := self.matches(pattern)) < count:
-                    if all(reader.done() for reader in self._readers):
+                    if self.finished:
                         raise AssertionError(f"exited before {pattern!r}:\n{self.output}")
                     await self._changed.wait()
         except TimeoutError:
@@ -82,8 +88,8 @@ class ServerProcess:
 async def server_process(
     *argv: str, env: Mapping[str, str] | None = None
 ) -> AsyncIterator[ServerProcess]:
-    """Run ``argv`` from the repository root (so ``tests.asgi_apps`` imports); kill it if the
-    block leaves it running."""
+    """Run ``argv`` from the repository root (so ``tests.asgi_apps`` imports), in a session of
+    its own; kill that process group (gunicorn's workers too) if the block leaves any running."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         cwd=ROOT,
@@ -91,13 +97,15 @@ async def server_process(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONWARNINGS": "error", **(env or {})},
+        start_new_session=True,
     )
     server = ServerProcess(proc)
     try:
         yield server
     finally:
-        if proc.returncode is None:
-            proc.kill()
+        if proc.returncode is None or not server.finished:
+            with contextlib.suppress(ProcessLookupError):  # none left: all exited
+                os.killpg(proc.pid, signal.SIGKILL)
             await server.wait()
 
 
