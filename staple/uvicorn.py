@@ -272,8 +272,9 @@ def run(
     are keywords it does not know. ``certs``, ``store``, ``on_update``, ``must_staple`` and
     ``policy``: see :class:`Server`.
 
-    ``workers=N`` forks N processes sharing the listening socket, each with its own stapler
-    over the same store (see :func:`staple.uvicorn.run`'s module for the store).
+    ``workers=N`` forks N processes sharing one listening socket (host and port only), each
+    with its own stapler over the same store; unlike ``uvicorn.run`` the app need not be an
+    import string. A worker that dies is replaced.
 
     Returns after a graceful shutdown on SIGINT or SIGTERM (so a process stopped by either
     exits 0; plain ``uvicorn.run`` lets SIGTERM kill the process once it has shut down). Exits
@@ -347,4 +348,96 @@ class _sigterm_returns:
 
 
 def _run_workers(config: uvicorn.Config, stapling: dict[str, Any]) -> int:
-    raise ValueError("workers > 1 is not supported yet")
+    """Fork ``config.workers`` processes serving one listening socket; the exit status.
+
+    Each child runs its own :class:`Server` (so its own stapler, over a store of its own making
+    or a forked copy of the one given). The parent forwards SIGINT and SIGTERM to the children
+    as SIGTERM (a Ctrl-C reaches them from the terminal too; a second SIGINT would skip
+    uvicorn's graceful shutdown), replaces a child that dies, and stops when one could not
+    start (status 3).
+    """
+    if config.uds is not None or config.fd is not None:
+        raise ValueError("workers > 1 needs host and port, not uds or fd")
+    host = "0.0.0.0" if config.host is None else config.host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, config.port), family=family, backlog=config.backlog)
+    except OSError as exc:
+        logger.error("%s", exc)
+        return STARTUP_FAILURE
+    port = sock.getsockname()[1]
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    logger.info(
+        "Uvicorn running on https://%s with %d worker processes, stapling (Press CTRL+C to quit)",
+        where,
+        config.workers,
+    )
+    children: set[int] = set()
+    stopping = False
+
+    def stop(sig: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def spawn() -> None:
+        pid = _fork_worker(config, stapling, sock, previous)
+        children.add(pid)
+        if stopping:  # the signal came while forking
+            os.kill(pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    status = 0
+    try:
+        for _ in range(config.workers):
+            spawn()
+        while children:
+            pid, wait_status = os.waitpid(-1, 0)  # retried after a signal's handler (PEP 475)
+            children.discard(pid)
+            code = os.waitstatus_to_exitcode(wait_status)
+            if stopping:
+                continue
+            if code == STARTUP_FAILURE:
+                logger.error("Child process [%d] could not start; stopping", pid)
+                status = STARTUP_FAILURE
+                stop(signal.SIGTERM, None)
+                continue
+            logger.info("Child process [%d] died (status %d); starting another", pid, code)
+            spawn()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    return status
+
+
+def _fork_worker(
+    config: uvicorn.Config,
+    stapling: dict[str, Any],
+    sock: socket.socket,
+    handlers: dict[signal.Signals, Any],
+) -> int:
+    """Fork one worker process serving ``sock``; its pid (in the parent)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        for sig, handler in handlers.items():  # the parent's forwarding is not for us
+            signal.signal(sig, handler)
+        server = Server(config, **stapling)
+        with _sigterm_returns(server), contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=[sock])
+        code = 0 if server.started else STARTUP_FAILURE
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        logger.exception("Worker process [%d] failed", os.getpid())
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -146,6 +146,38 @@ async def test_warm_cache_staples_while_responder_down(pki, responder, tmp_path)
     assert responder.requests == before
 
 
+@pytest.mark.external
+async def test_two_worker_processes(pki, responder, tmp_path, ca_file) -> None:
+    """workers=2: two forked processes on one socket, each stapling from the shared cache."""
+    leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
+    command = uvicorn_run(*files(tmp_path, leaf), workers=2)
+    async with server_process(*command, env=cache_env(tmp_path)) as server:
+        match = await server.wait_for(r"running on https://127\.0\.0\.1:(\d+) with 2 worker")
+        port = int(match.group(1))
+        statuses = await server.wait_for(r"Process \[(\d+)\] .*stapling good", count=2)
+        assert statuses
+        pids = {m.group(1) for m in server.matches(r"Process \[(\d+)\] .*stapling good")}
+        assert len(pids) == 2
+        for _ in range(4):
+            code, body = await curl(port, ca_file)
+            assert code == 0, body
+            assert json.loads(body)["scheme"] == "https"
+        await stopped_cleanly(server, signal.SIGTERM)
+    assert len(server.matches(r"^app: shutdown")) == 2  # each worker shut its app down
+
+
+async def test_two_worker_processes_that_cannot_start_exit_3(pki, responder, tmp_path) -> None:
+    """The broken twin: a key that does not match; the parent stops instead of respawning."""
+    leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
+    other = pki.issue_leaf("localhost", ocsp_url=responder.url)
+    chain, _ = files(tmp_path, leaf)
+    _, other_key = files(tmp_path, other, "other")
+    command = uvicorn_run(chain, other_key, workers=2)
+    async with server_process(*command, env=cache_env(tmp_path)) as server:
+        assert await server.wait() == uvicorn.config.STARTUP_FAILURE, server.output
+    assert server.matches("could not start; stopping"), server.output
+
+
 # -- WebSocket -------------------------------------------------------------------------------
 
 
