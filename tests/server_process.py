@@ -113,6 +113,11 @@ def python(code: str) -> tuple[str, ...]:
     return (sys.executable, "-c", code)
 
 
+def python_file(path: str, *args: str) -> tuple[str, ...]:
+    """Run a file of the repository (``examples/...``) with arguments."""
+    return (sys.executable, str(ROOT / path), *args)
+
+
 def files(tmp_path: Path, leaf: Leaf, name: str = "leaf") -> tuple[Path, Path]:
     chain, key = tmp_path / f"{name}.chain.pem", tmp_path / f"{name}.key.pem"
     leaf.write_chain(chain)

@@ -129,6 +129,31 @@ async def test_responder_down_fails_curl(pki, responder, tmp_path, ca_file, work
         await stopped_cleanly(server)
 
 
+@pytest.mark.external
+async def test_example_config(pki, responder, tmp_path, ca_file) -> None:
+    """``examples/gunicorn_conf.py`` serving ``examples/uvicorn_app.py``, as documented."""
+    leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
+    chain, key = files(tmp_path, leaf)
+    env = {
+        "CERTFILE": str(chain),
+        "KEYFILE": str(key),
+        "BIND": "127.0.0.1:0",
+        "STAPLE_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    command: tuple[str, ...] = (sys.executable, "-m", "gunicorn", "-c", "examples/gunicorn_conf.py")
+    command += ("--no-control-socket", "examples.uvicorn_app:app")
+    async with server_process(*command, env=env) as server:
+        port = await booted(server, "stapling good")
+        code, body = await curl(port, ca_file)
+        assert (code, body) == (0, "hello over https\n")
+        await stopped_cleanly(server)
+    # The broken twin: without the certificate the workers refuse to boot.
+    env["CERTFILE"] = str(tmp_path / "missing.pem")
+    async with server_process(*command, env=env) as server:
+        assert await server.wait() != 0
+    assert server.matches("missing.pem"), server.output
+
+
 @pytest.mark.parametrize("worker", sorted(WORKERS))
 async def test_without_certfile_the_workers_do_not_boot(tmp_path, worker) -> None:
     env = {"STAPLE_CACHE_DIR": str(tmp_path / "cache")}

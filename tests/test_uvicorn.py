@@ -29,6 +29,7 @@ from .server_process import (
     curl,
     files,
     python,
+    python_file,
     server_process,
 )
 
@@ -176,6 +177,25 @@ async def test_two_worker_processes_that_cannot_start_exit_3(pki, responder, tmp
     async with server_process(*command, env=cache_env(tmp_path)) as server:
         assert await server.wait() == uvicorn.config.STARTUP_FAILURE, server.output
     assert server.matches("could not start; stopping"), server.output
+
+
+@pytest.mark.external
+async def test_example_app(pki, responder, tmp_path, ca_file) -> None:
+    """``examples/uvicorn_app.py`` as its docstring runs it (on a free port)."""
+    leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
+    chain, key = files(tmp_path, leaf)
+    command = python_file("examples/uvicorn_app.py", str(chain), str(key), "0")
+    async with server_process(*command, env=cache_env(tmp_path)) as server:
+        port = int((await server.wait_for(r"running on https://0\.0\.0\.0:(\d+)")).group(1))
+        code, body = await curl(port, ca_file)
+        assert (code, body) == (0, "hello over https\n")
+        await stopped_cleanly(server, signal.SIGTERM)
+    responder.revoke(leaf)  # the broken twin: a fresh start staples the revocation
+    async with server_process(*command, env={"STAPLE_CACHE_DIR": str(tmp_path / "c2")}) as server:
+        port = int((await server.wait_for(r"running on https://0\.0\.0\.0:(\d+)")).group(1))
+        code, out = await curl(port, ca_file)
+        assert code == CURL_BAD_STAPLE, out
+        await stopped_cleanly(server, signal.SIGTERM)
 
 
 # -- WebSocket -------------------------------------------------------------------------------
