@@ -86,12 +86,12 @@ async def stopped_cleanly(server: ServerProcess, sig: signal.Signals) -> None:
 
 
 @pytest.mark.external
-@pytest.mark.parametrize("http", ["h11", "httptools"])
+@pytest.mark.parametrize(("http", "loop"), [("h11", "asyncio"), ("httptools", "uvloop")])
 async def test_curl_verifies_the_staple_and_the_app_sees_https(
-    pki, responder, tmp_path, ca_file, http
+    pki, responder, tmp_path, ca_file, http, loop
 ) -> None:
     leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
-    command = uvicorn_run(*files(tmp_path, leaf), http=http)
+    command = uvicorn_run(*files(tmp_path, leaf), http=http, loop=loop)
     async with server_process(*command, env=cache_env(tmp_path)) as server:
         port = await started(server)
         await server.wait_for(r"^app: startup")  # lifespan startup ran, before listening
