@@ -78,7 +78,10 @@ class _Stapling:
     async def open(self) -> SSL.Context:
         """Open every chain (waiting, bounded, for the first responses), then the context.
         :exc:`RuntimeError` saying why when a chain or key cannot be used."""
-        store = self.store = store_from_environment()
+        try:
+            store = self.store = store_from_environment()
+        except ValueError as exc:  # STAPLE_STORE is not a redis:// URL
+            raise RuntimeError(str(exc)) from None
         redis_store = sys.modules.get("staple.redis_store")  # not loaded: not a RedisStore
         if redis_store is not None and isinstance(store, redis_store.RedisStore):
             await store.connect()  # subscribe before the first fetch, as staple serve does

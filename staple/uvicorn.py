@@ -55,7 +55,7 @@ from OpenSSL import SSL
 from uvicorn.config import STARTUP_FAILURE
 
 from . import tls
-from ._environment import store_from_environment, store_from_url
+from ._environment import STORE_SCHEMES, store_from_environment, store_from_url
 from ._serve import MAX_HANDSHAKES, status_line
 from .errors import OcspError
 from .handle import OnUpdate
@@ -110,6 +110,8 @@ class Server(uvicorn.Server):
             raise ValueError("HTTP/2 (http2=True) is not supported over staple's TLS")
         if not certs:
             raise ValueError("certs= needs at least one (chain, key) pair")
+        if isinstance(store, str) and not store.startswith(STORE_SCHEMES):
+            raise ValueError(f"store={store!r}: expected a Store or redis://HOST:PORT/DB")
         super().__init__(config)
         self.certs = [(chain, key) for chain, key in certs]
         self.stapler: Stapler | None = None
@@ -167,12 +169,16 @@ class Server(uvicorn.Server):
 
     async def _open_stapler(self) -> SSL.Context:
         option = self._store_option
-        if option is None:
-            store = store_from_environment()
-        elif isinstance(option, str):
-            store = store_from_url(option)
-        else:
-            store = option
+        try:
+            if option is None:
+                store = store_from_environment()
+            elif isinstance(option, str):
+                store = store_from_url(option)
+            else:
+                store = option
+        except ValueError as exc:  # a store URL that is not redis://
+            logger.error("Cannot staple: %s", exc)
+            sys.exit(STARTUP_FAILURE)
         self._store = store
         redis_store = sys.modules.get("staple.redis_store")  # not loaded: not a RedisStore
         if redis_store is not None and isinstance(store, redis_store.RedisStore):

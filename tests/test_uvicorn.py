@@ -312,6 +312,20 @@ def test_reload_and_http2_are_refused() -> None:
         staple.uvicorn.Server(uvicorn.Config(asgi_app, http2=True, log_config=None), certs=CERTS)
 
 
+def test_a_store_url_must_be_redis() -> None:
+    config = uvicorn.Config(asgi_app, log_config=None)
+    with pytest.raises(ValueError, match="redis://"):
+        staple.uvicorn.Server(config, certs=CERTS, store="memcached://127.0.0.1")
+
+
+async def test_staple_store_that_is_not_redis_exits_3(pki, responder, tmp_path) -> None:
+    leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
+    env = {"STAPLE_STORE": "memcached://127.0.0.1"}
+    async with server_process(*uvicorn_run(*files(tmp_path, leaf)), env=env) as server:
+        assert await server.wait() == uvicorn.config.STARTUP_FAILURE
+    assert server.matches("Cannot staple: STAPLE_STORE: .*expected redis://"), server.output
+
+
 def test_server_refuses_a_config_with_uvicorn_tls() -> None:
     config = uvicorn.Config(asgi_app, ssl_certfile="chain.pem", log_config=None)
     with pytest.raises(TypeError, match="cannot staple"):
