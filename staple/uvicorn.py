@@ -220,7 +220,7 @@ class Server(uvicorn.Server):
         self, http_protocol: type[asyncio.Protocol], context: SSL.Context
     ) -> type[asyncio.Protocol]:
         """``http_protocol`` behind staple's TLS, constructed the way uvicorn constructs it."""
-        http_protocol = getattr(http_protocol, "http_protocol", http_protocol)  # started before
+        http_protocol = getattr(http_protocol, "_staple_wraps", http_protocol)  # started before
         make_http: Any = http_protocol
         gate = tls.HandshakeGate(self._max_handshakes) if self._max_handshakes else None
         handshake_timeout = self._handshake_timeout
@@ -248,7 +248,7 @@ class Server(uvicorn.Server):
                     handshake_gate=gate,
                 )
 
-        StaplingProtocol.http_protocol = http_protocol  # type: ignore[attr-defined]
+        StaplingProtocol._staple_wraps = http_protocol  # type: ignore[attr-defined]
         # uvicorn types it as an asyncio.Protocol; loop.create_server takes any protocol.
         return cast(type[asyncio.Protocol], StaplingProtocol)
 
