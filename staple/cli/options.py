@@ -9,27 +9,16 @@ from pathlib import Path
 
 from ..proxy import ProxyOption, ProxySettings
 from ..store import FileStore, MemoryStore, Store
+from ..store_choice import check_store_url, default_cache_dir, store_from_url
 
 __all__ = [
     "add_proxy_argument",
     "add_store_arguments",
-    "check_store_url",
     "default_cache_dir",
     "open_store",
     "proxy_option",
+    "store_url_problem",
 ]
-
-STORE_SCHEMES = ("redis://", "rediss://", "unix://")
-
-
-def default_cache_dir() -> Path:
-    """``$STAPLE_CACHE_DIR``, else ``$XDG_CACHE_HOME/staple``, else ``~/.cache/staple``: per
-    user, survives restarts, shared by every command and worker that runs as that user."""
-    explicit = os.environ.get("STAPLE_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "staple"
 
 
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,9 +39,13 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_store_url(url: str | None) -> str | None:
+def store_url_problem(url: str | None) -> str | None:
     """Why ``--store URL`` is unusable, or ``None`` when it is fine (or not given)."""
-    if url is not None and not url.startswith(STORE_SCHEMES):
+    if url is None:
+        return None
+    try:
+        check_store_url(url)
+    except ValueError:
         return f"--store {url!r}: expected redis://HOST:PORT/DB"
     return None
 
@@ -61,11 +54,9 @@ async def open_store(*, cache_dir: str | os.PathLike[str] | None, store_url: str
     """The store the options name: Redis (connected, so no fleet notice is missed; Redis being
     down is not fatal, the store fails open), else a :class:`FileStore`, else memory."""
     if store_url is not None:
-        from ..redis_store import RedisStore  # redis loads only for fleets
-
-        redis_store = RedisStore(store_url)
-        await redis_store.connect()
-        return redis_store
+        store = store_from_url(store_url)
+        await store.connect()  # subscribe before the first fetch: no fleet notice is missed
+        return store
     if cache_dir is not None:
         return FileStore(cache_dir)
     return MemoryStore()

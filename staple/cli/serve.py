@@ -49,10 +49,10 @@ from ..status_page import status_app, status_line
 from .options import (
     add_proxy_argument,
     add_store_arguments,
-    check_store_url,
     default_cache_dir,
     open_store,
     proxy_option,
+    store_url_problem,
 )
 
 __all__ = [
@@ -226,7 +226,7 @@ async def serve(
             ready.set_exception(RuntimeError(reason))
         return EXIT_USAGE
 
-    bad_store = check_store_url(config.store_url)
+    bad_store = store_url_problem(config.store_url)
     if bad_store is not None:
         return cannot_start(bad_store)
     try:

@@ -29,9 +29,9 @@ from ..sync import OnExpiry, StapleFiles
 from .options import (
     add_proxy_argument,
     add_store_arguments,
-    check_store_url,
     open_store,
     proxy_option,
+    store_url_problem,
 )
 
 __all__ = ["add_arguments", "run"]
@@ -107,7 +107,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
         return _usage(
             f"{len(args.cert)} --cert but {len(args.out)} --out: give one --out after each --cert"
         )
-    bad_store = check_store_url(args.store)
+    bad_store = store_url_problem(args.store)
     if bad_store is not None:
         return _usage(bad_store)
     try:
