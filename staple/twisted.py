@@ -119,10 +119,6 @@ class _Outcome:
         else:
             waiter.callback(None)
 
-    @property
-    def failure(self) -> Failure | None:
-        return self._result if isinstance(self._result, Failure) else None
-
     def wait(self) -> Deferred[None]:
         waiter: Deferred[None] = Deferred()
         if self._result is False:
@@ -289,9 +285,10 @@ def server_options(
 
     Without ``stapler``, a new :class:`~staple.Stapler` is made with ``store`` (default: a
     :class:`~staple.MemoryStore`), ``on_update``, ``must_staple`` and the
-    :class:`~staple.RefreshPolicy` fields in ``policy_options``. With one, the chains are added
-    to it (share one Stapler between several ports this way) and the other options are
-    refused. Either way the Stapler is closed when the reactor shuts down.
+    :class:`~staple.RefreshPolicy` fields in ``policy_options``. With one, the chains it does
+    not hold yet are added to it (share one Stapler between several ports of one reactor this
+    way; it must not run on any other loop) and the other options are refused. Either way the
+    Stapler runs on the reactor's :class:`Refresher` and is closed when the reactor shuts down.
 
     Raises :class:`~staple.ChainError` for a chain or key that cannot be loaded. The chains are
     opened in the background: see :meth:`StaplingOptions.start`. With a threaded refresher and
@@ -305,17 +302,17 @@ def server_options(
         or policy_options
     ):
         raise TypeError("pass either stapler= or the options for a new Stapler, not both")
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
-    refresher = refresher_for(reactor)
     if stapler is None:
         stapler = Stapler(
             store=store, on_update=on_update, must_staple=must_staple, **policy_options
         )
     context = build_server_context(certs, stapler)
     chains = [load_chain(Path(chain) if isinstance(chain, str) else chain) for chain, _ in certs]
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    refresher = refresher_for(reactor)
     refresher.adopt(stapler)
     opening = _open(stapler, chains)
     mode = "a thread of its own" if refresher.threaded else "the reactor's asyncio loop"

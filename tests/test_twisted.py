@@ -336,12 +336,17 @@ async def read_until(stream: asyncio.StreamReader, pattern: str, seen: list[str]
 
 @asynccontextmanager
 async def server_process(
-    argv: list[str], listening: str, *, cwd: Path
+    argv: list[str], listening: str, *, cwd: Path, env: dict[str, str] | None = None
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, list[str]]]:
     """Run ``argv`` with stderr merged into stdout; yield the process, the port it says it
     listens on (``listening``'s group 1) and its output so far. Stops it with SIGINT (Ctrl-C)
     and checks that it shut down without a traceback."""
-    env = {**os.environ, "XDG_CACHE_HOME": str(cwd / "xdg-cache"), "PYTHONPATH": str(cwd)}
+    env = {
+        **os.environ,
+        "XDG_CACHE_HOME": str(cwd / "xdg-cache"),
+        "PYTHONPATH": str(cwd),
+        **(env or {}),
+    }
     proc = await asyncio.create_subprocess_exec(
         *argv,
         cwd=cwd,
@@ -465,3 +470,57 @@ async def test_daphne_revoked_fails_curl(pki, responder, tmp_path, ca_file) -> N
         code, body = await curl(port, "daphne.test", ca_file)
         assert code == CURL_BAD_STAPLE, body
         assert "hello from daphne" not in body
+
+
+# -- the examples ------------------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.external
+@pytest.mark.parametrize("revoked", [False, True], ids=["good", "revoked"])
+async def test_twisted_web_example(pki, responder, tmp_path, ca_file, revoked) -> None:
+    require("curl")
+    leaf = pki.issue_leaf("example.test", ocsp_url=responder.url)
+    if revoked:
+        responder.revoke(leaf)
+    chain, key = files(tmp_path, leaf, "leaf")
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "hello.txt").write_text("hello from the example\n")
+    argv = [sys.executable, str(EXAMPLES / "twisted_web.py"), str(chain), str(key), "www", "0"]
+    listening = r"on https://localhost:(\d+)/"
+    async with server_process(argv, listening, cwd=tmp_path) as (_, port, _):
+        code, body = await curl(port, "example.test", ca_file, path="/hello.txt")
+    if revoked:
+        assert code == CURL_BAD_STAPLE, body
+    else:
+        assert code == 0, body
+        assert body == "hello from the example\n"
+    assert list((tmp_path / ".cache").glob("*.ocsp"))  # the example's FileStore
+
+
+@pytest.mark.external
+@pytest.mark.parametrize("revoked", [False, True], ids=["good", "revoked"])
+async def test_daphne_example_script(pki, responder, tmp_path, ca_file, revoked) -> None:
+    """examples/daphne.sh as written, but on a free port."""
+    require("curl")
+    leaf = pki.issue_leaf("daphne.test", ocsp_url=responder.url)
+    if revoked:
+        responder.revoke(leaf)
+    chain, key = files(tmp_path, leaf, "leaf")
+    script = (EXAMPLES / "daphne.sh").read_text()
+    assert 'exec daphne -e "staple:8443:' in script
+    (tmp_path / "daphne.sh").write_text(
+        script.replace("staple:8443:", f"staple:0:interface={HOST}:")
+    )
+    daphne("unused", tmp_path)  # writes the app
+    argv = ["sh", str(tmp_path / "daphne.sh"), str(chain), str(key), "hello_asgi:application"]
+    env = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    async with server_process(argv, DAPHNE_LISTENING, cwd=tmp_path, env=env) as (_, port, _):
+        code, body = await curl(port, "daphne.test", ca_file)
+    if revoked:
+        assert code == CURL_BAD_STAPLE, body
+    else:
+        assert code == 0, body
+        assert body == "hello from daphne\n"
+    assert list((tmp_path / "xdg-cache" / "staple").glob("*.ocsp"))  # staple serve's cache dir
