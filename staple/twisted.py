@@ -65,7 +65,7 @@ from ._serve import default_cache_dir
 from .chain import load_chain
 from .handle import OnUpdate
 from .server_context import CertSpec, build_server_context
-from .stapler import MustStaple, Stapler
+from .stapler import MustStaple, Stapler, StapleRefused
 from .store import FileStore, Store
 
 __all__ = [
@@ -232,6 +232,18 @@ def refresher_for(reactor: Any) -> Refresher:
     return refresher
 
 
+class _Connection(SSL.Connection):
+    """A server connection whose handshake, refused by the Stapler's must-staple policy, fails
+    with the ``SSL.Error`` Twisted's TLS protocol handles (it closes the connection) instead
+    of escaping as an unhandled ``StapleRefused`` with a traceback in the log."""
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except StapleRefused as exc:
+            raise SSL.Error([("staple", "do_handshake", f"no OCSP staple: {exc}")]) from exc
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class StaplingOptions:
     """TLS options that staple: an ``IOpenSSLServerConnectionCreator`` (and, for older APIs, a
@@ -262,7 +274,7 @@ class StaplingOptions:
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         """A connection for Twisted's ``TLSMemoryBIOProtocol`` (which sets accept state)."""
-        return SSL.Connection(self.context, None)
+        return _Connection(self.context, None)
 
     def getContext(self) -> SSL.Context:
         """The server context, for APIs that still take a ``ContextFactory``."""

@@ -241,6 +241,31 @@ async def test_responder_down_first_handshake_unstapled(pki, responder, tmp_path
         await reactor.shut_down()
 
 
+async def test_must_staple_strict_refuses_the_handshake_cleanly(pki, responder, tmp_path) -> None:
+    """Under a strict policy and with nothing to staple the handshake fails as any TLS error
+    does in Twisted (the connection is closed), not with an exception out of dataReceived."""
+    leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
+    responder.fault = Fault.DOWN
+    reactor = ThreadedMemoryReactor(asyncio.get_running_loop())
+    options = await asyncio.to_thread(
+        staple.twisted.server_options,
+        [files(tmp_path, leaf, "leaf")],
+        reactor=reactor,
+        must_staple="strict",
+        wait_timeout=0.5,
+        fetch_timeout=1.0,
+        connect_timeout=1.0,
+    )
+    try:
+        client = StatusRequestingClient()
+        server, client_protocol, _ = connect(options, client)
+        assert options.stapler.refused == 1
+        assert not server.connected and not client_protocol.connected
+        assert client.stapled == []  # no ServerHello status, no handshake
+    finally:
+        await reactor.shut_down()
+
+
 async def test_a_given_stapler_gets_the_chains_and_the_other_options_are_refused(
     pki, responder, tmp_path
 ) -> None:
