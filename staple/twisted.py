@@ -83,6 +83,8 @@ log = Logger(namespace="staple")
 
 _OPEN_SLACK = 5.0
 """Seconds allowed beyond the policy's ``wait_timeout`` for a blocking open."""
+_JOIN_TIMEOUT = 5.0
+"""Seconds to wait for the refresher thread to end once its loop is stopped."""
 
 
 def _asyncio_loop_of(reactor: Any) -> asyncio.AbstractEventLoop | None:
@@ -218,7 +220,7 @@ class Refresher:
         )
         if self._thread is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(_OPEN_SLACK)
+            self._thread.join(_JOIN_TIMEOUT)
 
 
 _refreshers: weakref.WeakKeyDictionary[Any, Refresher] = weakref.WeakKeyDictionary()

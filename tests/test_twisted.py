@@ -96,10 +96,13 @@ class ThreadedMemoryReactor(MemoryReactorClock):
 class StatusRequestingClient:
     """A pyOpenSSL client that sends status_request and records what the server stapled."""
 
-    def __init__(self, servername: bytes = b"localhost") -> None:
+    def __init__(self, servername: bytes = b"localhost", *, tls12_ciphers: bytes | None = None):
         self.servername = servername
         self.stapled: list[bytes] = []
         self._ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        if tls12_ciphers is not None:  # pyOpenSSL can't set sigalgs; TLS 1.2 suites name the key
+            self._ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+            self._ctx.set_cipher_list(tls12_ciphers)
         self._ctx.set_ocsp_client_callback(self._on_status)
 
     def _on_status(self, conn: SSL.Connection, der: bytes, data: object) -> bool:
@@ -180,6 +183,39 @@ async def test_threaded_refresher_staples_first_handshake(threaded_options) -> N
     assert client.stapled and client.stapled[0], "the first handshake must be stapled"
     assert_good_staple(client.stapled[0], leaf)
     assert options.stapler.stapled == 1
+
+
+async def test_sni_and_rsa_with_ecdsa(pki, responder, tmp_path) -> None:
+    """build_server_context's SNI switch and key-type choice work on Twisted's connections:
+    each client gets the staple for the certificate it was served."""
+    a_ec = pki.issue_leaf("a.twisted.test", key_type="ec", ocsp_url=responder.url)
+    a_rsa = pki.issue_leaf("a.twisted.test", key_type="rsa", ocsp_url=responder.url)
+    b = pki.issue_leaf("b.twisted.test", ocsp_url=responder.url)
+    certs = [
+        files(tmp_path, a_ec, "a_ec"),
+        files(tmp_path, a_rsa, "a_rsa"),
+        files(tmp_path, b, "b"),
+    ]
+    reactor = ThreadedMemoryReactor(asyncio.get_running_loop())
+    options = await asyncio.to_thread(
+        staple.twisted.server_options, certs, reactor=reactor, **QUICK
+    )
+    try:
+        for name, ciphers, leaf in (
+            (b"a.twisted.test", b"ECDHE-ECDSA-AES128-GCM-SHA256", a_ec),
+            (b"a.twisted.test", b"ECDHE-RSA-AES128-GCM-SHA256", a_rsa),
+            (b"b.twisted.test", None, b),
+        ):
+            client = StatusRequestingClient(name, tls12_ciphers=ciphers)
+            server, _, _ = connect(options, client)
+            assert server.getHandle().get_certificate().to_cryptography() == leaf.cert
+            assert_good_staple(client.stapled[0], leaf)
+            # The broken pair: the staple is for this certificate only.
+            other = a_rsa if leaf is a_ec else a_ec
+            with pytest.raises(staple.ValidationError):
+                assert_good_staple(client.stapled[0], other)
+    finally:
+        await reactor.shut_down()
 
 
 async def test_reference_released_at_connection_lost(threaded_options) -> None:
