@@ -43,6 +43,10 @@ the ``SSL.Connection`` is gone: the Stapler ties it to the connection with
 connection (it breaks the protocol <-> connection cycle on purpose), so the reference is
 released as the reactor processes ``connectionLost``, not at some later garbage collection.
 Code that keeps ``transport.getHandle()`` beyond ``connectionLost`` keeps the reference too.
+
+Refusals. Under ``must_staple="strict"`` (or ``"must_staple"`` for must-staple certificates) a
+handshake that asks for a staple when none is held is refused: it fails as any TLS error does
+in Twisted, and the connection is closed.
 """
 
 from __future__ import annotations
@@ -349,8 +353,9 @@ async def _open(stapler: Stapler, chains: Sequence[Any]) -> None:
 
 @implementer(IStreamServerEndpoint)
 class StaplingEndpoint:
-    """A TLS server endpoint (IPv4, like ``SSL4ServerEndpoint``) that starts listening once
-    the options' chains are open, so that the first handshake is stapled."""
+    """A TLS server endpoint, like ``SSL4ServerEndpoint`` (an IPv6 ``interface`` listens on
+    IPv6), that starts listening once the options' chains are open, so that the first
+    handshake is stapled."""
 
     def __init__(
         self,

@@ -354,6 +354,30 @@ async def test_endpoint_string_through_twisted_plugins(pki, responder, tmp_path)
         await reactor.shut_down()
 
 
+async def test_endpoint_string_with_the_issuer_in_extra_cert_chain(
+    pki, responder, tmp_path
+) -> None:
+    """certKey holding the leaf alone and extraCertChain its issuer, as with Twisted's ssl:."""
+    leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
+    _, key = files(tmp_path, leaf, "leaf")
+    end = b"-----END CERTIFICATE-----\n"
+    leaf_pem, issuers = leaf.chain_pem.split(end, 1)
+    (tmp_path / "leaf.pem").write_bytes(leaf_pem + end)
+    (tmp_path / "issuers.pem").write_bytes(issuers)
+    reactor = ThreadedMemoryReactor(asyncio.get_running_loop())
+    description = (
+        f"staple:8443:certKey={tmp_path / 'leaf.pem'}:extraCertChain={tmp_path / 'issuers.pem'}"
+        f":privateKey={key}:cacheDir={tmp_path / 'cache'}"
+    )
+    try:
+        endpoint = await asyncio.to_thread(serverFromString, reactor, description)
+        client = StatusRequestingClient()
+        connect(endpoint.options, client)
+        assert_good_staple(client.stapled[0], leaf)
+    finally:
+        await reactor.shut_down()
+
+
 def test_endpoint_string_without_a_key_says_what_is_missing() -> None:
     with pytest.raises(ValueError, match=r"needs certKey=CHAIN\.pem and privateKey=KEY\.pem"):
         serverFromString(MemoryReactorClock(), "staple:8443:certKey=chain.pem")
