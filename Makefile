@@ -20,8 +20,8 @@ sysdeps:
 	@bash .ci/sysdeps
 
 lint: $(STAMP)
-	$(BIN)/ruff check staple tests examples bench
-	$(BIN)/ruff format --check staple tests examples bench
+	$(BIN)/ruff check staple tests examples bench twisted
+	$(BIN)/ruff format --check staple tests examples bench twisted
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
