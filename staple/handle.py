@@ -35,6 +35,7 @@ import contextlib
 import enum
 import logging
 import random
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -64,6 +65,7 @@ from .fetch import fetch_issuer_of, fetch_response
 from .policy import RefreshPolicy
 from .proxy import ProxyOption, ProxySettings
 from .response_context import ContextHolder, OcspResponseContext
+from .stats import FetchStats
 from .store import MemoryStore, Store, read_quietly, write_quietly
 
 __all__ = [
@@ -111,11 +113,12 @@ class ServerOcspResponse(ContextHolder):
         # what it serves: the chain, its CertID and request, where it asks and what it keeps
         "chain", "cert", "issuer", "cert_id", "subject", "must_staple", "urls", "store",
         "policy", "_request", "_session", "_owns_session", "_proxies", "_fetch_slots", "_clock",
+        "_stats",
         "_on_update",
         # what it knows (the contexts it hands out are ContextHolder's)
         "_response", "_revoked", "_rejected_der", "last_error", "_expired_reported",
         # when it acts next
-        "failures", "next_refresh", "_scheduled_at", "_fresh_until",
+        "failures", "next_refresh", "_scheduled_at", "_fresh_until", "last_success",
         # its lifecycle, the refresher's sleep and wake-ups, the attempt in flight
         "_state", "_task", "_closed", "_sleeping", "_poked", "_store_changed", "_unwatch",
         "_inflight", "_first_outcome", "_first_slot", "__weakref__",
@@ -136,6 +139,7 @@ class ServerOcspResponse(ContextHolder):
         on_update: OnUpdate | None,
         fetch_slots: asyncio.Semaphore | None = None,
         proxies: ProxySettings | None = None,
+        stats: FetchStats | None = None,
     ) -> None:
         self.chain = chain
         self.cert = chain[0]
@@ -151,6 +155,7 @@ class ServerOcspResponse(ContextHolder):
         self._fetch_slots = fetch_slots
         self._owns_session = owns_session
         self._proxies = proxies or ProxySettings()
+        self._stats = stats if stats is not None else FetchStats()
         self._clock = clock
         super().__init__(clock.time)  # bound once: get_context() is the hot path
         self._on_update = on_update
@@ -163,6 +168,8 @@ class ServerOcspResponse(ContextHolder):
         )
         self.failures = 0
         self.next_refresh: datetime | None = None
+        self.last_success: datetime | None = None
+        """When a responder last gave a valid response (the handle's clock)."""
         self._scheduled_at: datetime | None = None  # the clock reading next_refresh came from
         self._fresh_until: datetime | None = None
         self._expired_reported = False
@@ -442,11 +449,14 @@ class ServerOcspResponse(ContextHolder):
                 # While we queued, the lock's last holder may have stored a response for us.
                 await self._load_revocation(events)
                 if await self._adopted_instead(force, events):
+                    self._stats.lock_adopted += 1
                     return None
                 if not granted:  # another server is fetching for us all: look again shortly
+                    self._stats.lock_unavailable += 1
                     now = self._now()
                     self._schedule(now + policy.look_again_after(ttl), now=now)
                     return None
+                self._stats.lock_acquired += 1
                 errors = await self._fetch_install_persist(events)
         return None if errors is None else self._failed(errors, events)
 
@@ -462,6 +472,7 @@ class ServerOcspResponse(ContextHolder):
         persist it. Returns ``None`` on success, else each URL's error."""
         errors: list[OcspError] = []
         for url in self.urls:
+            started = time.monotonic()
             try:
                 fetched = await fetch_response(
                     self._session,
@@ -476,8 +487,12 @@ class ServerOcspResponse(ContextHolder):
                 now = self._now()
                 verified = self._validate(fetched.der, now=now)
             except (FetchError, ValidationError) as exc:
+                result = "error" if isinstance(exc, FetchError) else "rejected"
+                self._stats.fetched(result, time.monotonic() - started)
                 errors.append(exc)
                 continue
+            self._stats.fetched("ok", time.monotonic() - started)
+            self.last_success = now
             base = policy.rollback_base(self._response, self._revoked)
             self._fresh_until = policy.http_fresh_until(fetched.headers, now)
             self._install(verified)
@@ -558,13 +573,21 @@ class ServerOcspResponse(ContextHolder):
         (but cancellation)."""
         key, der, store, who = self.cert_id.key, verified.der, self.store, self.subject
         await write_quietly(
-            store, "persist the response to", who, store.put(key, der, expires=verified.expires)
+            store,
+            "persist the response to",
+            who,
+            store.put(key, der, expires=verified.expires),
+            stats=self._stats,
         )
         if verified.cert_status is ocsp.CertStatus.REVOKED:
             await self._record_revocation(verified)
         elif lifts is not None and lifts.cert_status is ocsp.CertStatus.REVOKED:
             await write_quietly(
-                store, "clear the lifted revocation from", who, store.clear_revocation(key)
+                store,
+                "clear the lifted revocation from",
+                who,
+                store.clear_revocation(key),
+                stats=self._stats,
             )
 
     async def _record_revocation(self, verified: ocsp.VerifiedResponse) -> None:
@@ -575,13 +598,17 @@ class ServerOcspResponse(ContextHolder):
         self._revoked = verified
         key, until = self.cert_id.key, self.cert.not_valid_after_utc
         record = self.store.put_revocation(key, verified.der, until=until)
-        await write_quietly(self.store, "record the revocation in", self.subject, record)
+        await write_quietly(
+            self.store, "record the revocation in", self.subject, record, stats=self._stats
+        )
 
     async def _load_from_store(self, events: _Events) -> bool:
         """Adopt what the store holds if it is valid and newer; never trust it blindly.
         Returns whether a response was adopted; what it refused is a REJECTED event."""
         store = self.store
-        der = await read_quietly(store, "the response", self.subject, store.get(self.cert_id.key))
+        der = await read_quietly(
+            store, "the response", self.subject, store.get(self.cert_id.key), stats=self._stats
+        )
         if der is None or der == self._rejected_der:
             return False  # nothing stored, or the same bad bytes we already reported
         if self._response is not None and der == self._response.der:
@@ -607,7 +634,9 @@ class ServerOcspResponse(ContextHolder):
         that a responder saying 'good' again is refused; see :func:`policy.revocation_record`.
         A record that does not verify is a REJECTED event and ignored."""
         store, key = self.store, self.cert_id.key
-        der = await read_quietly(store, "the revocation", self.subject, store.get_revocation(key))
+        der = await read_quietly(
+            store, "the revocation", self.subject, store.get_revocation(key), stats=self._stats
+        )
         if der is None or (self._revoked is not None and der == self._revoked.der):
             return
         try:
@@ -682,6 +711,7 @@ async def open_server_ocsp_response(
     policy: RefreshPolicy | None = None,
     fetch_slots: asyncio.Semaphore | None = None,
     proxy: ProxyOption | ProxySettings = None,
+    stats: FetchStats | None = None,
 ) -> ServerOcspResponse:
     """Open a handle for ``chain`` (leaf first) and start its refresher.
 
@@ -692,6 +722,9 @@ async def open_server_ocsp_response(
 
     ``fetch_slots`` bounds concurrent fetches across the handles that share it (a
     :class:`~staple.Stapler` shares one), so a mass refresh queues instead of timing out.
+
+    ``stats`` counts fetches, store errors and fleet-lock outcomes (a Stapler shares one over
+    its handles, for :mod:`staple.metrics`); a handle opened alone counts in its own.
 
     ``proxy`` is the HTTP proxy for responder (and caIssuers) requests: a URL, ``False`` for
     none, or ``None`` (the default) for the environment's ``http_proxy``/``https_proxy``/
@@ -742,6 +775,7 @@ async def open_server_ocsp_response(
             on_update=on_update,
             fetch_slots=fetch_slots,
             proxies=proxies,
+            stats=stats,
         )
     except BaseException:
         if owns_session:

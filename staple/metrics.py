@@ -14,15 +14,21 @@ series carry the labels ``serial`` (lower-case hex) and ``subject`` (RFC 4514)::
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .ocsp import CertStatus
+from .store import MemoryStore
 
 if TYPE_CHECKING:
     from .handle import ServerOcspResponse
@@ -47,14 +53,15 @@ class StaplerCollector(Collector):
         self._stapler = stapler
 
     def describe(self) -> Iterable[Metric]:
-        return list(self._families().values())
+        return list(self.collect())
 
     def collect(self) -> Iterable[Metric]:
         families = self._families()
         for handle in list(self._stapler.handles):
             self._add_handle(families, handle)
         self._add_stapler(families)
-        return families.values()
+        yield from families.values()
+        yield from self._fetch_families()
 
     @staticmethod
     def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
@@ -89,6 +96,10 @@ class StaplerCollector(Collector):
             gauge(
                 "staple_ocsp_next_refresh_timestamp_seconds",
                 "When the refresher next asks the responder.",
+            ),
+            gauge(
+                "staple_ocsp_last_success_timestamp_seconds",
+                "When a responder last gave a valid response.",
             ),
             gauge(
                 "staple_ocsp_consecutive_failures",
@@ -144,6 +155,8 @@ class StaplerCollector(Collector):
         )
         if handle.next_refresh is not None:
             put("staple_ocsp_next_refresh_timestamp_seconds", handle.next_refresh.timestamp())
+        if handle.last_success is not None:
+            put("staple_ocsp_last_success_timestamp_seconds", handle.last_success.timestamp())
         put("staple_ocsp_consecutive_failures", handle.failures)
         put("staple_contexts_live", handle.live_contexts)
         put("staple_context_references_live", handle.live_references)
@@ -154,6 +167,41 @@ class StaplerCollector(Collector):
         handshakes.add_metric(["stapled"], s.stapled)
         handshakes.add_metric(["no_staple"], s.unstapled - s.refused)
         handshakes.add_metric(["refused"], s.refused)
+
+    def _fetch_families(self) -> Iterator[Metric]:
+        stats = self._stapler.stats
+        fetches = CounterMetricFamily(
+            "staple_ocsp_fetch",
+            "Responder fetches by result: ok (valid), error (network, HTTP, proxy), "
+            "rejected (refused by validation).",
+            labels=["result"],
+        )
+        for result in ("ok", "error", "rejected"):
+            fetches.add_metric([result], getattr(stats, result))
+        yield fetches
+        yield HistogramMetricFamily(
+            "staple_ocsp_fetch_duration_seconds",
+            "Time one responder fetch took, validation included.",
+            buckets=stats.cumulative_buckets(),
+            sum_value=stats.duration_sum,
+        )
+        yield CounterMetricFamily(
+            "staple_store_errors",
+            "Store reads and writes that failed (logged; stapling goes on from memory).",
+            value=stats.store_errors,
+        )
+        if not isinstance(self._stapler.store, MemoryStore):  # a store others may share
+            lock = CounterMetricFamily(
+                "staple_fleet_lock",
+                "Refresh attempts by what the store's fetch lock gave: acquired (this server "
+                "fetched), adopted (a member's response was there), unavailable (a member "
+                "was fetching).",
+                labels=["result"],
+            )
+            lock.add_metric(["acquired"], stats.lock_acquired)
+            lock.add_metric(["adopted"], stats.lock_adopted)
+            lock.add_metric(["unavailable"], stats.lock_unavailable)
+            yield lock
 
 
 def register(stapler: Stapler, *, registry: CollectorRegistry = REGISTRY) -> StaplerCollector:

@@ -30,6 +30,7 @@ from .errors import ClosedError, StapleRefused
 from .handle import OnUpdate, ResponderUrls, ServerOcspResponse, open_server_ocsp_response
 from .policy import RefreshPolicy
 from .proxy import ProxyOption, ProxySettings
+from .stats import FetchStats
 from .store import MemoryStore, Store
 from .tls import call_when_closed
 
@@ -81,6 +82,8 @@ class Stapler:
             raise TypeError("pass either policy= or policy options, not both")
         self.proxies = ProxySettings.resolve(proxy)
         """Which HTTP proxy each responder URL is fetched through (resolved once, here)."""
+        self.stats = FetchStats()
+        """What the handles' refreshers did (fetches, store errors, fleet lock), for metrics."""
         self.policy = policy or RefreshPolicy(**policy_options)
         self.store = store if store is not None else MemoryStore()
         self.must_staple = MustStaple(must_staple)
@@ -175,6 +178,7 @@ class Stapler:
             policy=self.policy,
             fetch_slots=self._fetch_slots,
             proxy=self.proxies,
+            stats=self.stats,
         )
         if self._closed:  # close() began as the open finished: it must not outlive us
             await handle.close()

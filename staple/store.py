@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .atomic import TEMP_PREFIX, remove_durably, write_atomically
+from .stats import FetchStats
 
 __all__ = ["FileStore", "MemoryStore", "Store", "read_quietly", "write_quietly"]
 
@@ -82,30 +83,46 @@ class Store(abc.ABC):
 
 
 async def read_quietly(
-    store: Store, what: str, subject: str, read: Awaitable[bytes | None]
+    store: Store,
+    what: str,
+    subject: str,
+    read: Awaitable[bytes | None],
+    stats: FetchStats | None = None,
 ) -> bytes | None:
     """What ``read`` (a call on ``store``) returns, or ``None`` if it raised. An ``OSError``
     (the disk, the network) is logged as a warning, anything else (a bug in a custom store)
-    with its traceback. Never raises but cancellation: a store is an optimisation."""
+    with its traceback; either is counted in ``stats.store_errors``. Never raises but
+    cancellation: a store is an optimisation."""
     try:
         return await read
     except OSError as exc:
         log.warning("%s: could not read %s from %r (%s)", subject, what, store, exc)
     except Exception:
         log.warning("%s: reading %s from %r failed", subject, what, store, exc_info=True)
+    if stats is not None:
+        stats.store_errors += 1
     return None
 
 
-async def write_quietly(store: Store, what: str, subject: str, write: Awaitable[None]) -> None:
+async def write_quietly(
+    store: Store,
+    what: str,
+    subject: str,
+    write: Awaitable[None],
+    stats: FetchStats | None = None,
+) -> None:
     """Await ``write`` (a call on ``store``; ``what`` reads like "persist the response to").
-    Failures are logged as :func:`read_quietly` does and swallowed: a full or read-only disk
-    must not stop stapling from memory."""
+    Failures are logged and counted as :func:`read_quietly` does and swallowed: a full or
+    read-only disk must not stop stapling from memory."""
     try:
         await write
+        return
     except OSError as exc:
         log.warning("%s: could not %s %r (%s); serving from memory", subject, what, store, exc)
     except Exception:
         log.warning("%s: could not %s %r; serving from memory", subject, what, store, exc_info=True)
+    if stats is not None:
+        stats.store_errors += 1
 
 
 REVOCATION_PREFIX = "revoked-"

@@ -10,9 +10,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from staple import metrics
+import staple
+from staple import FileStore, metrics
 from staple.stapler import Stapler
-from staple.testing import FakeClock
+from staple.testing import FakeClock, Fault
 
 from .test_stapler import server_context
 from .tls_pair import client_context, handshake
@@ -125,3 +126,48 @@ async def test_register_twice_on_one_registry_is_refused(stapler) -> None:
     metrics.register(stapler, registry=registry)
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         metrics.register(stapler, registry=registry)
+
+
+def labels_of(**labels: str) -> frozenset[tuple[str, str]]:
+    return frozenset(labels.items())
+
+
+async def test_fetches_by_result_and_their_durations(clock, pki, responder) -> None:
+    leaf = pki.issue_leaf("fetch.test", ocsp_url=responder.url)
+    async with Stapler(clock=clock, jitter=0.0) as stapler:
+        handle = await stapler.add(leaf.chain)
+        responder.fault = Fault.HTTP_500
+        with pytest.raises(staple.FetchError):
+            await handle.refresh()
+        responder.fault = Fault.WRONG_SIGNER
+        with pytest.raises(staple.ValidationError):
+            await handle.refresh()
+        registry = CollectorRegistry()
+        metrics.register(stapler, registry=registry)
+        samples = await scrape(registry)
+    for result in ("ok", "error", "rejected"):
+        assert samples[("staple_ocsp_fetch_total", labels_of(result=result))] == 1
+    assert samples[("staple_ocsp_fetch_duration_seconds_count", frozenset())] == 3
+    assert samples[("staple_ocsp_fetch_duration_seconds_bucket", labels_of(le="+Inf"))] == 3
+    assert handle.last_success is not None
+    assert samples[("staple_ocsp_last_success_timestamp_seconds", cert_labels(leaf))] == (
+        handle.last_success.timestamp()
+    )
+    assert samples[("staple_store_errors_total", frozenset())] == 0
+    # An in-memory store is nobody else's: no fleet-lock series.
+    assert not any(name.startswith("staple_fleet_lock") for name, _ in samples)
+
+
+async def test_fleet_lock_and_store_errors_with_a_shared_store(clock, pki, responder, tmp_path):
+    leaf = pki.issue_leaf("fleet.test", ocsp_url=responder.url)
+    unwritable = tmp_path / "not-a-directory"
+    unwritable.write_text("a file where the store's directory should be")
+    async with Stapler(clock=clock, store=FileStore(unwritable)) as stapler:
+        handle = await stapler.add(leaf.chain)
+        assert handle.get_context() is not None  # stapling goes on from memory
+        registry = CollectorRegistry()
+        metrics.register(stapler, registry=registry)
+        samples = await scrape(registry)
+    assert samples[("staple_fleet_lock_total", labels_of(result="acquired"))] == 1
+    assert samples[("staple_fleet_lock_total", labels_of(result="unavailable"))] == 0
+    assert samples[("staple_store_errors_total", frozenset())] >= 1
