@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest sysdeps bench clean
+.PHONY: demo test quick lint typecheck pytest sysdeps bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ pytest: $(STAMP)
 	$(BIN)/pytest -q
 
 test: sysdeps lint typecheck pytest
+
+# The inner loop: everything but subprocess servers, soaks, fuzzing and crash loops (< 1 min).
+quick: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -297,6 +297,7 @@ async def test_client_certificate_reaches_the_handler(
     assert peercerts[0] == client.cert
 
 
+@pytest.mark.slow
 async def test_file_response_of_50_mb_is_byte_identical(
     server_ctx: SSL.Context, client_ssl: ssl.SSLContext, tmp_path: Path
 ) -> None:
@@ -446,6 +447,7 @@ async def test_refresh_during_a_keep_alive_connection(
         assert old.refs == 0 and handle.live_contexts == 1
 
 
+@pytest.mark.slow
 async def test_many_handshakes_leave_no_live_references(
     leaf: Leaf, stapler: Stapler, handle: ServerOcspResponse, server_ctx: SSL.Context
 ) -> None:

@@ -42,6 +42,8 @@ from staple.cli.serve import ServeConfig, Serving, serve
 from staple.probe import probe
 from staple.testing import FakeClock, Fault, Leaf, OcspResponder, TestPKI
 
+pytestmark = pytest.mark.slow
+
 HOST = "127.0.0.1"
 HOUR = 3600.0
 QUICK = RefreshPolicy(wait_timeout=5.0, fetch_timeout=5.0, connect_timeout=2.0)

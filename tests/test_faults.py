@@ -309,7 +309,15 @@ async def open_handle(leaf: Leaf, clock: FakeClock, **kw: Any) -> staple.ServerO
 # -- the walk through every fault -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fault", list(FAULTS), ids=lambda f: f if isinstance(f, str) else f.value)
+# Faults whose walk waits in real time (slow bodies, timeouts, inflating): the slow marker.
+_REAL_TIME = {Fault.SLOW, Fault.SLOW_BODY, Fault.GZIP_BOMB}
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [pytest.param(f, marks=pytest.mark.slow) if f in _REAL_TIME else f for f in FAULTS],
+    ids=lambda f: f if isinstance(f, str) else f.value,
+)
 async def test_fault_keeps_last_good_backs_off_and_recovers(
     fault: Fault | str,
     leaf: Leaf,

@@ -371,6 +371,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2:]))
 # -- the lock -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_dead_lock_holder_stalls_nobody_past_the_lock_ttl(
     leaf, clock, responder, new_store, fleet, raw, redis_server
 ) -> None:

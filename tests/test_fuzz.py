@@ -58,6 +58,8 @@ from staple.der import SEQUENCE, children, read_element, read_whole
 from staple.stapler import Stapler
 from staple.testing import FakeClock, Leaf, OcspResponder, TestPKI
 
+pytestmark = pytest.mark.slow
+
 FUZZ_EXAMPLES = int(os.environ.get("STAPLE_FUZZ_EXAMPLES", "500"))
 FUZZ = settings(
     max_examples=FUZZ_EXAMPLES,

@@ -21,6 +21,8 @@ from staple.testing import Fault, Leaf, OcspResponder, TestPKI
 from .redis_server import RedisServer, redis_server_missing
 from .server_process import CURL_BAD_STAPLE, ServerProcess, curl, files, server_process
 
+pytestmark = pytest.mark.slow
+
 WORKERS = {
     "staple.gunicorn.AiohttpWorker": "tests.asgi_apps:aiohttp_app",
     "staple.gunicorn.UvicornWorker": "tests.asgi_apps:app",

@@ -35,6 +35,8 @@ from staple.aiohttp import StaplingSite
 from staple.stapler import Stapler
 from staple.testing import Leaf, OcspResponder, TestPKI
 
+pytestmark = pytest.mark.slow
+
 HOST = "127.0.0.1"
 HANDSHAKE_TIMEOUT = 0.5
 BIG = 32 << 20  # what /big answers: far more than any socket buffer holds

@@ -376,6 +376,7 @@ def big_static(tmp_path: Path) -> tuple[Path, str]:
 
 
 @pytest.mark.external
+@pytest.mark.slow
 async def test_static_file_50mb_byte_identical(
     pki, responder, tmp_path, ca_file, big_static
 ) -> None:

@@ -13,7 +13,11 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
+import pytest
+
 from bench.soak import run_soak
+
+pytestmark = pytest.mark.slow
 
 SOAK_SECONDS = float(os.environ.get("STAPLE_SOAK_SECONDS", "20"))
 

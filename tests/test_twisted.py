@@ -45,6 +45,8 @@ from staple.testing import Fault, Leaf, OcspResponder, TestPKI
 from .external import require
 from .test_serve import CURL_BAD_STAPLE, assert_stapled, curl, files, s_client
 
+pytestmark = pytest.mark.slow
+
 HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent
 QUICK: dict[str, Any] = {"wait_timeout": 5.0, "fetch_timeout": 5.0, "connect_timeout": 2.0}

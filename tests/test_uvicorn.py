@@ -33,6 +33,8 @@ from .server_process import (
     server_process,
 )
 
+pytestmark = pytest.mark.slow
+
 RUNNING = r"Uvicorn running on https://127\.0\.0\.1:(\d+), stapling"
 
 
