@@ -3,7 +3,8 @@
 Sections (all by default, in this order): ``getter`` (get_context + free, the OCSP callback,
 validation), ``handshakes`` (staple.tls + aiohttp vs stdlib ssl + aiohttp), ``stapling`` (what
 stapling costs a handshake, and where), ``bulk`` (200 MB down and up), ``scale`` (10,000 chains
-against a responder in another process), ``nginx`` (``staple serve`` vs nginx).
+against a responder in another process), ``nginx`` (``staple serve`` vs nginx), ``servers``
+(staple.uvicorn, staple.gunicorn and staple.aiohttp vs the same servers on stdlib ssl).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from . import (
     nginx,
     report,
     scale,
+    servers,
     stapling,
     tlslayer,
 )
@@ -48,6 +50,7 @@ SECTIONS: dict[str, Callable[[Bench], Awaitable[Section]]] = {
     "bulk": bulk.run,
     "scale": scale.run,
     "nginx": nginx.run,
+    "servers": servers.run,
 }
 ALIASES = {"core": "getter", "refresher": "scale", "bulk-transfer": "bulk"}
 # Benchmarks other people own (bench/fleet.py, bench/soak.py): run only when named, through
