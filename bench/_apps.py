@@ -4,17 +4,18 @@ Both answer ``GET`` with the same tiny JSON body (``{"hello": "world"}``, with a
 ``Content-Length``, so keep-alive clients need no chunked decoding). ``asgi`` also completes
 the lifespan protocol, so uvicorn and gunicorn start it without a warning.
 
-``python -m bench._apps KIND CHAIN KEY PORT [STORE_DIR]`` runs one of the servers that have no
-command line of their own, on 127.0.0.1 until SIGTERM:
+``python -m bench._apps KIND CHAIN KEY PORT STORE_DIR [LOOP]`` runs one of the servers that
+have no command line of their own, on 127.0.0.1 until SIGTERM:
 
-- ``staple-uvicorn``: ``staple.uvicorn.run(asgi, certs=[(CHAIN, KEY)], workers=1)``;
+- ``staple-uvicorn``: ``staple.uvicorn.run(asgi, certs=[(CHAIN, KEY)], workers=1, loop=LOOP)``
+  (``LOOP``: uvicorn's ``--loop``, ``auto`` by default);
 - ``staple-aiohttp``: ``staple.aiohttp.run_app(aiohttp_app(), certs=[(CHAIN, KEY)])``;
 - ``aiohttp``: ``aiohttp.web.run_app(aiohttp_app(), ssl_context=<stdlib ssl.SSLContext>)``.
 
 The staple servers read their OCSP response from the :class:`~staple.FileStore` in
-``STORE_DIR`` (staple.uvicorn from ``STAPLE_CACHE_DIR``, which the parent sets), filled
-beforehand, as after a restart: they staple from the first handshake and never need a responder.
-(``uvicorn`` itself and ``gunicorn`` are run through their own command lines.)
+``STORE_DIR``, filled beforehand, as after a restart: they staple from the first handshake and
+never need a responder. (``uvicorn`` itself and ``gunicorn`` are run through their own command
+lines; gunicorn's staple workers find the store through ``STAPLE_CACHE_DIR``.)
 """
 
 from __future__ import annotations
@@ -54,18 +55,21 @@ def aiohttp_app() -> web.Application:
 
 
 def main(argv: list[str] | None = None) -> None:
-    kind, chain, key, port_text, *rest = sys.argv[1:] if argv is None else argv
+    kind, chain, key, port_text, store_dir, *rest = sys.argv[1:] if argv is None else argv
     port = int(port_text)
     host = "127.0.0.1"
     if kind == "staple-uvicorn":
         import staple.uvicorn
+        from staple import FileStore
 
         staple.uvicorn.run(
             asgi,
             certs=[(chain, key)],
+            store=FileStore(store_dir),
             host=host,
             port=port,
             workers=1,
+            loop=rest[0] if rest else "auto",
             log_level="warning",
             access_log=False,
         )
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             certs=[(chain, key)],
             host=host,
             port=port,
-            store=FileStore(rest[0]),
+            store=FileStore(store_dir),
             access_log=None,
             print=None,
         )

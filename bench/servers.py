@@ -1,11 +1,14 @@
 """7. staple's server integrations against what users would run instead, on the same app.
 
-Three pairs, each side by side in one run, same ECDSA P-256 certificate, same app, on 127.0.0.1:
+Four pairs, each side by side in one run, same ECDSA P-256 certificate, same app, on 127.0.0.1:
 
 - **uvicorn, 1 process**: ``staple.uvicorn.run(asgi, certs=..., workers=1)`` vs ``uvicorn
   bench._apps:asgi --ssl-certfile --ssl-keyfile`` (uvicorn's TLS: the stdlib ``ssl``, which
   cannot staple). Both on uvicorn's defaults (``loop="auto"``: uvloop; ``http="auto"``:
   httptools), no access log.
+- **uvicorn --loop asyncio, 1 process**: the same two on asyncio's loop instead of uvloop,
+  where the stdlib side's TLS is asyncio's ``sslproto`` (Python) rather than uvloop's (Cython);
+  staple's TLS is the same Python on either loop.
 - **gunicorn, 2 workers**: ``gunicorn -k staple.gunicorn.UvicornWorker -w 2 --certfile
   --keyfile`` vs ``-k uvicorn.workers.UvicornWorker`` (or ``uvicorn_worker.UvicornWorker`` when
   the ``uvicorn-worker`` package is installed) with the same options.
@@ -36,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -86,21 +90,24 @@ def _uvicorn_worker_class() -> str:
     return "uvicorn.workers.UvicornWorker"
 
 
-def _apps(kind: str) -> Callable[[Files, int], list[str]]:
+def _apps(kind: str, *extra: str) -> Callable[[Files, int], list[str]]:
     def argv(f: Files, port: int) -> list[str]:
-        args = [sys.executable, "-m", "bench._apps", kind, str(f.chain), str(f.key), str(port)]
-        return [*args, str(f.store)] if kind.startswith("staple") else args
+        paths = [str(f.chain), str(f.key), str(port), str(f.store)]
+        return [sys.executable, "-m", "bench._apps", kind, *paths, *extra]
 
     return argv
 
 
-def _uvicorn(f: Files, port: int) -> list[str]:
-    return [
-        sys.executable, "-m", "uvicorn", "bench._apps:asgi",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--ssl-certfile", str(f.chain), "--ssl-keyfile", str(f.key),
-        "--log-level", "warning", "--no-access-log",
-    ]  # fmt: skip
+def _uvicorn(loop: str) -> Callable[[Files, int], list[str]]:
+    def argv(f: Files, port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "uvicorn", "bench._apps:asgi",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--ssl-certfile", str(f.chain), "--ssl-keyfile", str(f.key),
+            "--loop", loop, "--log-level", "warning", "--no-access-log",
+        ]  # fmt: skip
+
+    return argv
 
 
 def _gunicorn(worker_class: str) -> Callable[[Files, int], list[str]]:
@@ -122,7 +129,16 @@ def pairs() -> list[tuple[str, Variant, Variant]]:
         (
             "uvicorn, 1 process",
             Variant("staple.uvicorn.run", _apps("staple-uvicorn"), stapling=True),
-            Variant("uvicorn --ssl-certfile", _uvicorn),
+            Variant("uvicorn --ssl-certfile", _uvicorn("auto")),
+        ),
+        (  # the same on asyncio's loop: uvloop's TLS is Cython, staple's stays Python
+            "uvicorn --loop asyncio, 1 process",
+            Variant(
+                "staple.uvicorn.run(loop='asyncio')",
+                _apps("staple-uvicorn", "asyncio"),
+                stapling=True,
+            ),
+            Variant("uvicorn --ssl-certfile --loop asyncio", _uvicorn("asyncio")),
         ),
         (
             "gunicorn + UvicornWorker, 2 workers",
@@ -332,7 +348,7 @@ async def _pair(
     async with contextlib.AsyncExitStack() as stack:
         running: dict[str, Server] = {}
         for variant in variants:
-            log = top / f"{variant.name.replace(' ', '_').replace('/', '_')}.log"
+            log = top / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', variant.name)}.log"
             server = Server(variant, files, log)
             try:
                 running[variant.name] = await stack.enter_async_context(server)
@@ -368,6 +384,9 @@ async def _pair(
             n: sum(r.stapled for r in runs) / max(sum(r.ok for r in runs), 1)
             for n, runs in results.items()
         }
+        for variant in variants:
+            if variant.stapling and stapled.get(variant.name, 1.0) < 1.0:
+                section.notes.append(f"{variant.name} ({label}) did not staple every handshake")
         section.rows.append(
             Row(
                 "servers",
