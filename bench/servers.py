@@ -41,6 +41,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -231,12 +232,13 @@ class Server:
 
     async def _stop(self) -> None:
         process = self.process
-        if process is None or process.returncode is not None:
+        if process is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(process.wait(), 15)
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 15)
         with contextlib.suppress(ProcessLookupError):  # workers left behind, or no exit
             os.killpg(process.pid, signal.SIGKILL)
         await process.wait()
@@ -246,8 +248,6 @@ class Server:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
