@@ -400,3 +400,12 @@ async def test_redis_keys_stay_within_the_prefix_and_records_are_written_once(
         assert await b.keys() == ["k5"]
         assert await a.get_certificate("k1") == staple.store.chain_pem(leaf.chain)
         assert await a.get_certificate("k2") is None
+
+
+async def test_listing_an_unreachable_redis_raises_instead_of_failing_open() -> None:
+    """get() fails open (None: fetch for yourself); keys() must not, or an unreachable Redis
+    would read as an empty one."""
+    async with RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout=1.0) as store:
+        assert await store.get("k") is None
+        with pytest.raises(ConnectionError, match="cannot list the keys"):
+            await store.keys()
