@@ -22,7 +22,7 @@ import staple
 from staple import FileStore, MemoryStore, Store, cli, ocsp
 from staple.cli.status import Verdict, inspect_store
 from staple.redis_store import RedisStore
-from staple.testing import FakeClock, Leaf, OcspResponder, TestPKI
+from staple.testing import FakeClock, Fault, Leaf, OcspResponder, TestPKI
 
 from .redis_server import RedisServer, free_port, redis_server_missing
 
@@ -120,6 +120,31 @@ async def test_a_flipped_byte_is_invalid_and_exits_4(live, tmp_path) -> None:
     assert entry["verdict"] == "invalid"
     assert "signature does not verify" in entry["error"]
     assert entry["status"] == "good"  # what it says, shown though not believed
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (Fault.UNKNOWN, "responder does not know the certificate"),
+        (Fault.WRONG_SIGNER, "is neither the issuer nor a certificate included"),
+        (Fault.SIGNER_WITHOUT_EKU, "lacks id-kp-OCSPSigning"),
+        (Fault.WRONG_CERT, "not about this certificate"),
+        (Fault.FUTURE, "is in the future"),
+        (Fault.TRY_LATER, "answered 'try_later'"),
+    ],
+)
+async def test_responses_a_server_refuses_are_invalid(live, tmp_path, fault, reason) -> None:
+    """Signed and well formed, or not, but nothing a server would staple."""
+    pki, responder = live
+    leaf = pki.issue_leaf("refused.status.test", ocsp_url=responder.url)
+    await serve_once(leaf, FileStore(tmp_path))
+    responder.fault = fault
+    (tmp_path / f"{key_of(leaf)}.ocsp").write_bytes(responder.response_for(leaf))
+    code, text = await status("--cache-dir", str(tmp_path))
+    assert code == 4, text
+    entry = blocks(text)[key_of(leaf)]
+    assert entry["verdict"] == "invalid"
+    assert reason in entry["error"]
 
 
 async def test_an_expired_response_exits_4(tmp_path) -> None:
