@@ -163,8 +163,8 @@ class MemoryStore(Store):
     def __init__(self) -> None:
         self._data: dict[str, bytes] = {}
         self._revoked: dict[str, bytes] = {}
-        # The handle's own certificate objects, not a copy: a server with 10,000 chains and
-        # no other store pays nothing for the records.
+        # The handle's own certificate objects, not a PEM copy: a server with 10,000 chains
+        # and no other store pays a small tuple per chain for the records.
         self._certificates: dict[str, tuple[x509.Certificate, ...]] = {}
 
     async def get(self, key: str) -> bytes | None:
@@ -251,7 +251,8 @@ class FileStore(Store):
         self, key: str, chain: Sequence[x509.Certificate], *, until: datetime
     ) -> None:
         """Write ``<key>.chain.pem`` only when it is missing or different: every open of a
-        handle records its chain, and a restart should not rewrite thousands of files."""
+        handle records its chain, and a restart should not rewrite thousands of files. The file
+        is kept until removed, like a revocation record."""
         await asyncio.to_thread(self._write_if_changed, self._chain_path(key), chain_pem(chain))
 
     async def get_certificate(self, key: str) -> bytes | None:
