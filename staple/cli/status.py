@@ -184,7 +184,7 @@ def assess(
             response,
         )
     who = ocsp.describe(leaf)
-    record, recorded = _check_record(key, leaf, issuer, cert_id, revocation, policy, who)
+    record, recorded = _check_record(leaf, issuer, cert_id, revocation, policy, who)
     base = Held(
         key=key,
         verdict=Verdict.MISSING,
@@ -251,7 +251,6 @@ def _recorded_pair(
 
 
 def _check_record(
-    key: str,
     leaf: x509.Certificate,
     issuer: x509.Certificate,
     cert_id: ocsp.CertId,
