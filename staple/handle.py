@@ -212,6 +212,10 @@ class ServerOcspResponse(ContextHolder):
         """Load the store, start the refresher (OPENING → RUNNING) and, with ``wait``, wait
         (bounded) for the first attempt. Raises only what the store's ``watch`` raises."""
         events: _Events = []
+        # Record the chain, so what the store holds can be re-validated without us (staple status).
+        until = self.cert.not_valid_after_utc
+        record = self.store.put_certificate(self.cert_id.key, self.chain[:2], until=until)
+        await write_quietly(self.store, "record the certificate in", self.subject, record)
         await self._load_revocation(events)
         await self._load_from_store(events)
         await self._emit_all(events)

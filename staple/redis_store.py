@@ -12,6 +12,9 @@ each certificate (a CertID :attr:`~staple.ocsp.CertId.key`):
 - a revocation is recorded under ``prefix + "revoked:" + key`` (the revoked response's DER)
   until the certificate's notAfter, so it outlives the response and sticks for the whole fleet
   across restarts (:meth:`~staple.Store.put_revocation`);
+- a handle records its certificate and issuer (PEM) under ``prefix + "cert:" + key`` when it
+  opens, until the certificate's notAfter, so ``staple status`` can re-validate what the
+  fleet holds; :meth:`~RedisStore.keys` finds the keys with ``SCAN`` over the prefix;
 - the fetcher's :meth:`~RedisStore.put` publishes ``key`` on ``prefix + "updates"``. Each store
   holds one pub/sub connection (opened by :meth:`~RedisStore.connect` or the first
   :meth:`~RedisStore.watch`) and one listener task that calls the watchers of that key, so the
@@ -42,22 +45,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from cryptography import x509
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from .store import Store
+from .store import Store, chain_pem
 
 __all__ = ["RedisStore"]
 
@@ -213,6 +218,48 @@ class RedisStore(Store):
         with contextlib.suppress(_Unavailable):
             await self._call(lambda: self._client.delete(self._revoked_key(key)))
 
+    async def put_certificate(
+        self, key: str, chain: Sequence[x509.Certificate], *, until: datetime
+    ) -> None:
+        """Record the chain until ``grace`` after ``until`` (the leaf's notAfter), unless a
+        record is there already: a CertID names one certificate, so every server of the fleet
+        would write the same bytes. Dropped when Redis can't be reached."""
+        ttl_ms, pem = self._ttl_ms(until), chain_pem(chain)
+        with contextlib.suppress(_Unavailable):
+            await self._call(
+                lambda: self._client.set(self._certificate_key(key), pem, px=ttl_ms, nx=True)
+            )
+
+    async def get_certificate(self, key: str) -> bytes | None:
+        """The recorded chain's PEM; ``None`` if there is none or Redis can't be reached."""
+        try:
+            value = await self._call(lambda: self._client.get(self._certificate_key(key)))
+        except _Unavailable:
+            return None
+        return value if isinstance(value, bytes) and value else None
+
+    async def keys(self) -> list[str]:
+        """The keys of every response, revocation and certificate record under the prefix,
+        found with ``SCAN`` (a page per call, each bounded by ``timeout``). Raises
+        ``ConnectionError`` when Redis can't be reached or refuses: a listing never fails
+        open."""
+        pattern = _glob_escape(self.prefix) + "*"
+        found: set[str] = set()
+        cursor = 0
+        while True:
+            page = functools.partial(self._client.scan, cursor, match=pattern, count=1000)
+            try:
+                cursor, names = await self._call(page, probe=True)
+            except _Unavailable as exc:
+                why = _reason(exc.__cause__) if exc.__cause__ is not None else "unreachable"
+                raise ConnectionError(f"{self!r}: cannot list the keys ({why})") from None
+            for name in names:
+                key = self._store_key(name)
+                if key is not None:
+                    found.add(key)
+            if cursor == 0:
+                return sorted(found)
+
     def lock(self, key: str, *, ttl: float) -> AbstractAsyncContextManager[bool]:
         """The fleet-wide right to fetch ``key`` for at most ``ttl`` seconds. Yields ``False``
         while another server holds it, and ``True`` when Redis can't be reached (fail open:
@@ -297,6 +344,22 @@ class RedisStore(Store):
 
     def _revoked_key(self, key: str) -> str:
         return self.prefix + "revoked:" + key
+
+    def _certificate_key(self, key: str) -> str:
+        return self.prefix + "cert:" + key
+
+    def _store_key(self, name: bytes | str) -> str | None:
+        """The store key a Redis key belongs to (a response, a revocation or a certificate
+        record), or ``None`` for anything else under the prefix (locks, other namespaces)."""
+        text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+        if not text.startswith(self.prefix):
+            return None
+        rest = text[len(self.prefix) :]
+        for kind in ("revoked:", "cert:"):
+            if rest.startswith(kind):
+                rest = rest[len(kind) :]
+                break
+        return rest if rest and ":" not in rest else None  # CertID keys hold no colon
 
     def _ttl_ms(self, expires: datetime) -> int:
         # Redis counts TTLs on the real clock, whatever clock the handle runs on.
@@ -485,6 +548,11 @@ def _call_watcher(callback: Callable[[], None]) -> None:
 
 def _nothing() -> None:
     return None
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis glob pattern (``SCAN MATCH``)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _reason(exc: BaseException) -> str:

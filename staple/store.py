@@ -12,6 +12,11 @@ once expired, but a revocation is permanent (RFC 5280 §3.3), so its record is k
 certificate itself expires. A restarted server, or another server of the fleet, reads it back
 and refuses a responder that says ``good`` again, exactly as a handle holding the revoked
 response in memory does. The record is the revoked response itself, so it is re-validated too.
+
+Certificate records (:meth:`Store.put_certificate`) let an operator see what a store holds
+without the servers: each handle records its leaf and issuer under its key when it opens, and
+``staple status`` lists the keys (:meth:`Store.keys`) and re-validates each response against
+its certificate. They are optional: a store without them still stores and serves responses.
 """
 
 from __future__ import annotations
@@ -22,15 +27,18 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from .atomic import TEMP_PREFIX, remove_durably, write_atomically
 from .stats import FetchStats
 
-__all__ = ["FileStore", "MemoryStore", "Store", "read_quietly", "write_quietly"]
+__all__ = ["FileStore", "MemoryStore", "Store", "chain_pem", "read_quietly", "write_quietly"]
 
 log = logging.getLogger("staple")
 
@@ -80,6 +88,29 @@ class Store(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections; the default store holds none."""
+
+    # -- certificate records and listing, for operators (``staple status``) ----------------
+
+    async def put_certificate(  # noqa: B027 - optional hook, a store may keep no records
+        self, key: str, chain: Sequence[x509.Certificate], *, until: datetime
+    ) -> None:
+        """Record the certificate of ``key`` and its issuer (``chain``: leaf, issuer), kept at
+        least until ``until`` (the leaf's notAfter), so that what the store holds can be
+        re-validated without the server. A handle calls it when it opens. The default keeps
+        nothing (a custom store works without records; ``staple status`` then lists nothing).
+        May raise ``OSError``."""
+
+    async def get_certificate(self, key: str) -> bytes | None:
+        """The PEM of the leaf and issuer recorded under ``key`` (never trusted: parse and
+        check it), or ``None``. May raise ``OSError``."""
+        return None
+
+    async def keys(self) -> list[str]:
+        """Every key under which the store holds something - a response, a revocation record
+        or a certificate record - sorted. The default lists nothing. Raises ``OSError`` when
+        the store cannot be read (unlike :meth:`get`, a listing never fails open: an empty
+        answer would read as an empty store)."""
+        return []
 
 
 async def read_quietly(
@@ -133,6 +164,11 @@ def _nothing() -> None:
     return None
 
 
+def chain_pem(chain: Sequence[x509.Certificate]) -> bytes:
+    """The PEM that :meth:`Store.get_certificate` returns for ``chain`` (leaf and issuer)."""
+    return b"".join(cert.public_bytes(Encoding.PEM) for cert in chain[:2])
+
+
 @contextlib.asynccontextmanager
 async def _granted() -> AsyncIterator[bool]:
     yield True
@@ -144,6 +180,9 @@ class MemoryStore(Store):
     def __init__(self) -> None:
         self._data: dict[str, bytes] = {}
         self._revoked: dict[str, bytes] = {}
+        # The handle's own certificate objects, not a PEM copy: a server with 10,000 chains
+        # and no other store pays a small tuple per chain for the records.
+        self._certificates: dict[str, tuple[x509.Certificate, ...]] = {}
 
     async def get(self, key: str) -> bytes | None:
         return self._data.get(key)
@@ -159,6 +198,18 @@ class MemoryStore(Store):
 
     async def clear_revocation(self, key: str) -> None:
         self._revoked.pop(key, None)
+
+    async def put_certificate(
+        self, key: str, chain: Sequence[x509.Certificate], *, until: datetime
+    ) -> None:
+        self._certificates[key] = tuple(chain[:2])
+
+    async def get_certificate(self, key: str) -> bytes | None:
+        chain = self._certificates.get(key)
+        return chain_pem(chain) if chain is not None else None
+
+    async def keys(self) -> list[str]:
+        return sorted(self._data.keys() | self._revoked.keys() | self._certificates.keys())
 
     def __len__(self) -> int:
         return len(self._data)
@@ -177,6 +228,8 @@ class FileStore(Store):
     SUFFIX = ".ocsp"
     REVOKED_SUFFIX = ".revoked"
     """Revocation records: the revoked response, kept beside the responses until removed."""
+    CHAIN_SUFFIX = ".chain.pem"
+    """Certificate records: the leaf and its issuer (PEM) beside the response."""
     STALE_TEMP = 3600.0
     """Seconds after which a leftover temporary file is a crash's, and removed."""
 
@@ -210,6 +263,45 @@ class FileStore(Store):
 
     def _revoked_path(self, key: str) -> Path:
         return self.path_for(key, suffix=self.REVOKED_SUFFIX)
+
+    async def put_certificate(
+        self, key: str, chain: Sequence[x509.Certificate], *, until: datetime
+    ) -> None:
+        """Write ``<key>.chain.pem`` only when it is missing or different: every open of a
+        handle records its chain, and a restart should not rewrite thousands of files. The file
+        is kept until removed, like a revocation record."""
+        await asyncio.to_thread(self._write_if_changed, self._chain_path(key), chain_pem(chain))
+
+    async def get_certificate(self, key: str) -> bytes | None:
+        return await asyncio.to_thread(self._read, self._chain_path(key))
+
+    async def keys(self) -> list[str]:
+        """The keys of the response, revocation and certificate files; none for a directory
+        that does not exist (yet), like :meth:`get`."""
+        return await asyncio.to_thread(self._keys)
+
+    def _chain_path(self, key: str) -> Path:
+        return self.path_for(key, suffix=self.CHAIN_SUFFIX)
+
+    def _keys(self) -> list[str]:
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        suffixes = (self.SUFFIX, self.REVOKED_SUFFIX, self.CHAIN_SUFFIX)
+        keys = set()
+        for name in names:
+            if name.startswith("."):  # temporary files; never a key (see path_for)
+                continue
+            for suffix in suffixes:
+                if name.endswith(suffix) and len(name) > len(suffix):
+                    keys.add(name[: -len(suffix)])
+                    break
+        return sorted(keys)
+
+    def _write_if_changed(self, path: Path, data: bytes) -> None:
+        if self._read(path) != data:
+            self._write(path, data)
 
     @staticmethod
     def _remove(path: Path) -> None:

@@ -70,6 +70,9 @@ def check_cache(
         if path.name.startswith(".tmp-"):
             leftovers += 1  # a write cut short; FileStore never reads these (keys can't start
             continue  # with a dot)
+        if path.name.endswith(staple.FileStore.CHAIN_SUFFIX):  # a certificate record
+            assert path.name.removesuffix(staple.FileStore.CHAIN_SUFFIX) in registry, path
+            continue
         assert path.suffix == staple.FileStore.SUFFIX, path
         cert, issuer = registry[path.stem]
         staple.ocsp.validate(path.read_bytes(), cert, issuer, now=now, margin=timedelta(0))
@@ -129,8 +132,9 @@ async def first_write(cache: Path, proc: asyncio.subprocess.Process, *, deadline
 
 
 def entries(directory: Path) -> set[str]:
+    """The responses (and their temporary files), not the certificate records written first."""
     try:
-        return set(os.listdir(directory))
+        return {name for name in os.listdir(directory) if not name.endswith(".pem")}
     except FileNotFoundError:
         return set()
 

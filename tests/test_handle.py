@@ -398,9 +398,10 @@ async def test_warm_file_store_staples_with_responder_down(leaf, clock, responde
         assert c is not None
         first_der = c.encoded
         c.free()
-    files = list((tmp_path / "cache").iterdir())
-    assert [f.name for f in files] == [handle.cert_id.key + ".ocsp"]
-    assert files[0].read_bytes() == first_der
+    files = sorted((tmp_path / "cache").iterdir())
+    key = handle.cert_id.key
+    assert [f.name for f in files] == [key + ".chain.pem", key + ".ocsp"]  # the chain: for status
+    assert files[1].read_bytes() == first_der
 
     responder.fault = Fault.DOWN
     events = Recorder()

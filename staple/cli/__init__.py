@@ -1,7 +1,7 @@
 """The ``staple`` command: ``check`` a certificate's OCSP status, ``serve`` HTTPS with staples,
-``sync`` staple files for nginx and HAProxy, ``probe`` a server for its staple, ``demo`` the
-whole thing. One module per command, each with ``add_arguments(parser)`` and
-``run(args, out)``; this one holds the parser and dispatches.
+``sync`` staple files for nginx and HAProxy, ``probe`` a server for its staple, ``status`` of
+what a store holds, ``demo`` the whole thing. One module per command, each with
+``add_arguments(parser)`` and ``run(args, out)``; this one holds the parser and dispatches.
 
 ``main(argv)`` is what the console script (and ``python -m staple``) calls; ``run(argv)`` is the
 same as a coroutine, so tests drive the CLI in-process on their own event loop.
@@ -12,6 +12,8 @@ Exit codes of ``sync --once``: as ``check``'s, for the worst certificate; as a s
 SIGINT/SIGTERM, 2 when it cannot start.
 Exit codes of ``probe``: 0 verified good staple, 1 revoked, 2 usage or connection error,
 3 no staple, 4 invalid (or unverifiable) staple.
+Exit codes of ``status``: 0 every response of a recorded certificate valid past the margin,
+1 one revoked, 2 usage or unreadable store, 4 one expired, invalid or missing.
 Exit codes of ``demo``: 0 (``--check``: every check that could run passed), 1 a check failed.
 """
 
@@ -26,7 +28,7 @@ from types import ModuleType
 from typing import TextIO
 
 from .. import __version__
-from . import check, demo, probe, serve, sync
+from . import check, demo, probe, serve, status, sync
 
 __all__ = ["main", "run"]
 
@@ -35,6 +37,7 @@ COMMANDS: dict[str, ModuleType] = {
     "serve": serve,
     "sync": sync,
     "probe": probe,
+    "status": status,
     "demo": demo,
 }
 """Each command's module: ``HELP``, ``DESCRIPTION``, ``EPILOG``, ``add_arguments``, ``run``."""
