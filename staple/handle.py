@@ -121,7 +121,7 @@ class ServerOcspResponse(ContextHolder):
         "failures", "next_refresh", "_scheduled_at", "_fresh_until", "last_success",
         # its lifecycle, the refresher's sleep and wake-ups, the attempt in flight
         "_state", "_task", "_closed", "_sleeping", "_poked", "_store_changed", "_unwatch",
-        "_inflight", "_first_outcome", "_first_slot", "__weakref__",
+        "_inflight", "_first_outcome", "_first_slot", "_deferred", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -188,6 +188,9 @@ class ServerOcspResponse(ContextHolder):
         # Done once the first attempt holds a fetch slot (or ended without one): the opener's
         # wait_timeout runs from there, not while the fetch queues behind thousands of others.
         self._first_slot: asyncio.Future[None] | None = loop.create_future()
+        # The last attempt left the fetch to a fleet member holding the store's lock: an opener
+        # waits on (bounded by wait_timeout) for the response that member stores, not unstapled.
+        self._deferred = False
 
     # -- what it holds (the getter, get_context(), and the counts are ContextHolder's) -----
 
@@ -331,6 +334,8 @@ class ServerOcspResponse(ContextHolder):
             await self._load_from_store(events)
         except Exception:  # a bug must not stop the refresher
             log.exception("%s: unexpected error adopting from the store", self.subject)
+        if self._current is not None:
+            self._settle_first()  # an opener waiting on a fleet member's response has it
         await self._emit_all(events)
 
     async def _guarded_refresh(self) -> None:
@@ -429,7 +434,10 @@ class ServerOcspResponse(ContextHolder):
     def _attempt_done(self, attempt: asyncio.Task[OcspError | None]) -> None:
         if self._inflight is attempt:
             self._inflight = None
-        self._settle_first()
+        if self._deferred and self._current is None:
+            self._slot_taken()  # the opener's wait goes on until the member's response lands
+        else:
+            self._settle_first()
         if not attempt.cancelled():
             # Mark a stray exception (a bug: _attempt handles every OcspError) as retrieved
             # even if every waiter went away; waiters still see it and _guarded_refresh logs it.
@@ -444,6 +452,7 @@ class ServerOcspResponse(ContextHolder):
         return error
 
     async def _attempt_quietly(self, force: bool, events: _Events) -> OcspError | None:
+        self._deferred = False
         if await self._adopted_instead(force, events):
             return None
         async with self._fetch_slots or contextlib.nullcontext():
@@ -456,6 +465,7 @@ class ServerOcspResponse(ContextHolder):
                     self._stats.lock_adopted += 1
                     return None
                 if not granted:  # another server is fetching for us all: look again shortly
+                    self._deferred = True
                     self._stats.lock_unavailable += 1
                     now = self._now()
                     self._schedule(now + policy.look_again_after(ttl), now=now)

@@ -223,6 +223,53 @@ async def test_three_servers_one_request_per_cycle(
     assert await raw.exists("staple:lock:" + handle.cert_id.key) == 0  # released
 
 
+class DenialCounting(RedisStore):
+    """A RedisStore that counts the times its lock was refused (another member held it)."""
+
+    denied = 0
+
+    def lock(self, key: str, *, ttl: float) -> AbstractAsyncContextManager[bool]:
+        return self._counted(super().lock(key, ttl=ttl))
+
+    @contextlib.asynccontextmanager
+    async def _counted(self, inner: AbstractAsyncContextManager[bool]) -> AsyncIterator[bool]:
+        async with inner as granted:
+            if not granted:
+                type(self).denied += 1
+            yield granted
+
+
+async def test_opening_while_a_member_fetches_waits_for_its_response(
+    leaf, clock, responder, new_store, fleet, redis_server
+) -> None:
+    """Servers denied the lock at start wait (within wait_timeout) for the holder's response
+    instead of starting unstapled: their first handshake is stapled too."""
+    DenialCounting.denied = 0
+    holder = new_store()
+    members: list[RedisStore] = [DenialCounting(redis_server.url, timeout=1.0) for _ in range(2)]
+    key = staple.ocsp.cert_id(leaf.cert, leaf.issuer.cert).key
+    try:
+        async with holder.lock(key, ttl=30) as granted:  # a member is fetching
+            assert granted
+            opening = asyncio.create_task(open_fleet(fleet, leaf, clock, members))
+            # What the servers staple the moment open() returns to them.
+            at_open: list[list[bytes | None]] = []
+            opening.add_done_callback(lambda _: at_open.append(fleet.stapled()))
+            async with asyncio.timeout(WAIT):  # both were refused the lock and sleep on it
+                await clock.wait_for_sleepers(2)
+            assert DenialCounting.denied == 2
+            der = responder.response_for(leaf)
+            await holder.put(key, der, expires=clock.now() + timedelta(hours=1))  # notifies
+        async with asyncio.timeout(WAIT):
+            await opening
+        assert at_open == [[der, der]]  # from the first handshake: open() waited for it
+        assert responder.requests == 0  # the holder's response, adopted: nobody else fetched
+    finally:
+        await fleet.close()
+        for member in members:
+            await member.close()
+
+
 async def test_notice_makes_the_fleet_adopt_at_once(leaf, clock, responder, new_store, fleet):
     await open_fleet(fleet, leaf, clock, [new_store() for _ in range(3)])
     await fleet.settle(clock, lambda: None not in fleet.ders())
@@ -395,7 +442,9 @@ async def test_dead_lock_holder_stalls_nobody_past_the_lock_ttl(
         await holder.wait()
     lock_key = "staple:lock:" + staple.ocsp.cert_id(leaf.cert, leaf.issuer.cert).key
     assert await raw.pttl(lock_key) > 0
-    await open_fleet(fleet, leaf, clock, [new_store(), new_store()])
+    # wait=False: an opener would wait (wait_timeout) for the holder's response, which never
+    # comes; the servers start unstapled at once instead.
+    await open_fleet(fleet, leaf, clock, [new_store(), new_store()], wait=False)
     assert await raw.exists(lock_key)  # still held by the dead server: nobody fetched
     assert responder.requests == 0
     assert fleet.stapled() == [None, None]
