@@ -120,6 +120,10 @@ def _nothing() -> None:
     return None
 
 
+_LOCK_POLL_MIN, _LOCK_POLL_MAX = 0.01, 0.1
+"""Seconds between a contender's tries for a :class:`FileStore` lock: doubling, capped; a
+fetch takes tens of milliseconds at best, seconds at worst."""
+
 _LOCK_ATTEMPTS = 8
 """How often :meth:`FileStore.lock` retries after locking a file its holder had just removed
 (each retry means another process took and released the lock meanwhile)."""
@@ -218,33 +222,43 @@ class FileStore(Store):
         await asyncio.to_thread(self._remove, self._revoked_path(key))
 
     def lock(self, key: str, *, ttl: float) -> AbstractAsyncContextManager[bool]:
-        """The right to fetch ``key`` among the processes sharing this directory: yields
-        ``True`` to one holder at a time, ``False`` to the others while it holds it (they look
-        at the store again shortly and adopt what the holder stored). Never waits.
+        """The right to fetch ``key`` among the processes sharing this directory, one holder
+        at a time. A contender waits for the holder to let go, then gets it (``True``): the
+        handle then reads the store first, adopts the response the holder stored and fetches
+        nothing, so the workers of a machine make one request per certificate per refresh and
+        each staples its first handshake even after a cold start. (A Redis fleet gets the
+        same from the notice the holder publishes; a directory has no notices, and a
+        contender refused at once would staple nothing until it looked again.)
 
         Theory of operation: the holder has ``flock(LOCK_EX)`` on ``.tmp-lock-KEY`` in the
-        directory, taken with ``LOCK_NB``. The kernel drops it when the holder's process dies,
-        however it dies (SIGKILL included), so a dead holder stalls nobody. On release the
-        holder removes the file, then unlocks; a contender that opened the file just before
-        the removal may lock that orphan afterwards, so every taker checks that the path still
+        directory. Contenders try ``LOCK_NB`` every few tens of milliseconds (a flock can't
+        be awaited). The kernel drops the lock when its holder's process dies, however it
+        dies (SIGKILL included), so a contender takes over at once. On release the holder
+        removes the file, then unlocks; a contender that opened the file just before the
+        removal may lock that orphan afterwards, so every taker checks that the path still
         names the file it locked, and else tries again with the new one. ``ttl`` bounds a
-        holder that hangs while alive: a contender finding the lock taken more than ``ttl``
-        seconds ago (the file's mtime, set by each taker) is granted it without holding it, as
-        a Redis lock expires. A directory where no lock file can be made (read-only, missing
-        and not creatable) grants every caller: each process fetches for itself, as
-        :class:`~staple.RedisStore` fails open. ``flock`` needs a local file system.
+        holder that hangs while alive: once the lock was taken more than ``ttl`` seconds ago
+        (the file's mtime, set by each taker) a contender stops waiting and is granted it
+        without holding it, as a Redis lock expires. A directory where no lock file can be
+        made (read-only, not creatable) grants every caller: each process fetches for
+        itself, as :class:`~staple.RedisStore` fails open. ``flock`` needs a local file
+        system.
 
-        Taking and releasing are a few metadata system calls (no ``fsync``), made on the loop
-        thread so that a cancellation can never leave a lock held.
+        Each try is a few metadata system calls (no ``fsync``), made on the loop thread so
+        that a cancellation can never leave a lock held.
         """
-        lock_path = self._lock_path(key)
-        return self._locked(lock_path, ttl)
+        return self._locked(self._lock_path(key), ttl)
 
     @contextlib.asynccontextmanager
     async def _locked(self, path: Path, ttl: float) -> AsyncIterator[bool]:
+        delay = _LOCK_POLL_MIN
         granted, fd = self._take_lock(path, ttl)
+        while not granted:  # held by another: wait for it to let go (or to outlive its ttl)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _LOCK_POLL_MAX)
+            granted, fd = self._take_lock(path, ttl)
         try:
-            yield granted
+            yield True
         finally:
             if fd is not None:
                 self._release_lock(path, fd)
@@ -254,7 +268,9 @@ class FileStore(Store):
         return self.directory / (self.LOCK_PREFIX + key)
 
     def _take_lock(self, path: Path, ttl: float) -> tuple[bool, int | None]:
-        """``(granted, fd held)``; ``fd`` is ``None`` when granted without holding a lock."""
+        """One try, never waiting: ``(True, fd)`` when taken (``fd`` holds it), ``(True,
+        None)`` when granted without a lock to hold (a hung holder, an unusable directory),
+        ``(False, None)`` while another holds it."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             for _ in range(_LOCK_ATTEMPTS):

@@ -2,15 +2,18 @@
 
 Real files, real ``flock``, real processes: two store objects on one directory contend as two
 processes do (each ``lock`` opens the file anew), and a holder in another process is SIGKILLed.
+A contender waits for the holder; ``FileStore._take_lock`` is one try, granted or not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +30,42 @@ def lock_files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.glob(FileStore.LOCK_PREFIX + "*"))
 
 
+def take(store: FileStore, key: str = KEY, ttl: float = TTL) -> tuple[bool, int | None]:
+    return store._take_lock(store._lock_path(key), ttl)
+
+
 async def test_one_holder_at_a_time(tmp_path: Path) -> None:
     a, b = FileStore(tmp_path), FileStore(tmp_path)
     async with a.lock(KEY, ttl=TTL) as granted:
         assert granted
         assert lock_files(tmp_path) == [FileStore.LOCK_PREFIX + KEY]
-        async with b.lock(KEY, ttl=TTL) as second:
-            assert not second
-        async with a.lock(KEY, ttl=TTL) as again:  # the same store, a second taker: refused too
-            assert not again
+        assert take(b) == (False, None)
+        assert take(a) == (False, None)  # the same store, a second taker: refused too
         async with b.lock("other", ttl=TTL) as other:  # keys are independent
             assert other
-    async with b.lock(KEY, ttl=TTL) as after:
-        assert after
+    held, fd = take(b)
+    assert held and fd is not None
+    FileStore._release_lock(b._lock_path(KEY), fd)
     assert lock_files(tmp_path) == []  # each release removes its file
     assert not any(tmp_path.iterdir())  # noqa: ASYNC240 - a directory of the test's own
+
+
+async def test_a_contender_waits_for_the_holder(tmp_path: Path) -> None:
+    a, b = FileStore(tmp_path), FileStore(tmp_path)
+    order: list[str] = []
+
+    async def contend() -> None:
+        async with b.lock(KEY, ttl=TTL) as granted:
+            assert granted
+            order.append("b holds")
+
+    async with a.lock(KEY, ttl=TTL):
+        waiter = asyncio.create_task(contend())
+        done, _ = await asyncio.wait({waiter}, timeout=0.3)
+        assert not done  # still waiting while a holds it
+        order.append("a lets go")
+    await asyncio.wait_for(waiter, 10)
+    assert order == ["a lets go", "b holds"]
 
 
 async def test_released_when_the_block_raises(tmp_path: Path) -> None:
@@ -54,8 +78,20 @@ async def test_released_when_the_block_raises(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError):
         await fetch_fails()
-    async with FileStore(tmp_path).lock(KEY, ttl=TTL) as granted:
-        assert granted
+    assert take(FileStore(tmp_path))[0]
+
+
+async def test_cancelled_while_waiting_holds_nothing(tmp_path: Path) -> None:
+    a, b = FileStore(tmp_path), FileStore(tmp_path)
+    async with a.lock(KEY, ttl=TTL):
+        waiter = asyncio.create_task(b.lock(KEY, ttl=TTL).__aenter__())
+        done, _ = await asyncio.wait({waiter}, timeout=0.1)
+        assert not done
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    assert lock_files(tmp_path) == []
+    assert take(b)[0]
 
 
 HOLDER = """
@@ -86,29 +122,37 @@ async def holder(directory: Path) -> asyncio.subprocess.Process:
 async def test_another_process_holds_it_until_it_lets_go(tmp_path: Path) -> None:
     proc = await holder(tmp_path)
     store = FileStore(tmp_path)
-    async with store.lock(KEY, ttl=TTL) as granted:
-        assert not granted
+    assert take(store) == (False, None)
+    lock = store.lock(KEY, ttl=TTL)
+    waiter = asyncio.create_task(lock.__aenter__())
     assert proc.stdin is not None
     proc.stdin.write(b"done\n")
     assert await asyncio.wait_for(proc.wait(), 30) == 0
-    assert lock_files(tmp_path) == []  # it removed its file on release
-    async with store.lock(KEY, ttl=TTL) as granted:
-        assert granted
+    assert await asyncio.wait_for(waiter, 10) is True
+    assert lock_files(tmp_path) == [FileStore.LOCK_PREFIX + KEY]  # ours now
+    assert take(FileStore(tmp_path)) == (False, None)
+    await lock.__aexit__(None, None, None)
+    assert lock_files(tmp_path) == []
 
 
 async def test_the_kernel_releases_a_killed_holder(tmp_path: Path) -> None:
+    """The holder is SIGKILLed while a contender waits: the contender gets it at once, with no
+    TTL to wait out, and the file the dead holder left works as a lock again."""
     proc = await holder(tmp_path)
     store = FileStore(tmp_path)
-    async with store.lock(KEY, ttl=TTL) as granted:
-        assert not granted
+
+    async def contend() -> bool:
+        async with store.lock(KEY, ttl=TTL) as granted:
+            assert take(FileStore(tmp_path)) == (False, None)  # really held, by us
+            return granted
+
+    waiter = asyncio.create_task(contend())
+    done, _ = await asyncio.wait({waiter}, timeout=0.3)
+    assert not done
     proc.send_signal(signal.SIGKILL)
     assert await asyncio.wait_for(proc.wait(), 30) == -signal.SIGKILL
-    assert lock_files(tmp_path) == [FileStore.LOCK_PREFIX + KEY]  # left by the dead holder
-    async with store.lock(KEY, ttl=TTL) as granted:
-        assert granted  # at once: no TTL to wait out
-        async with FileStore(tmp_path).lock(KEY, ttl=TTL) as second:
-            assert not second  # the file the dead holder left is a working lock again
-    assert lock_files(tmp_path) == []  # and gone once released
+    assert await asyncio.wait_for(waiter, 10) is True
+    assert lock_files(tmp_path) == []  # removed by the next holder's release
 
 
 async def test_a_holder_past_its_ttl_is_presumed_hung(tmp_path: Path) -> None:
@@ -119,11 +163,10 @@ async def test_a_holder_past_its_ttl_is_presumed_hung(tmp_path: Path) -> None:
         path = tmp_path / (FileStore.LOCK_PREFIX + KEY)
         taken = time.time() - 100
         os.utime(path, (taken, taken))
-        async with b.lock(KEY, ttl=200) as within:
-            assert not within
-        async with b.lock(KEY, ttl=50) as past:
+        assert take(b, ttl=200) == (False, None)
+        async with b.lock(KEY, ttl=50) as past:  # at once, without waiting
             assert past
-        assert path.exists()  # granted without taking it: the holder still owns the file
+            assert path.exists()  # granted without taking it: the holder still owns the file
     assert not path.exists()
 
 
@@ -137,7 +180,7 @@ async def test_an_orphan_file_is_never_a_lock(tmp_path: Path, monkeypatch: Any) 
     assert granted and first_fd is not None
     third_fd: list[int] = []
     raced: list[bool] = []
-    real = staple.store.fcntl
+    real = fcntl
 
     class Racing:
         """``fcntl`` as the contender sees it: the others move between its open and flock."""
@@ -156,8 +199,7 @@ async def test_an_orphan_file_is_never_a_lock(tmp_path: Path, monkeypatch: Any) 
             real.flock(fd, operation)
 
     monkeypatch.setattr(staple.store, "fcntl", Racing)
-    async with contender.lock(KEY, ttl=TTL) as contended:
-        assert not contended
+    assert take(contender) == (False, None)
     monkeypatch.setattr(staple.store, "fcntl", real)
     assert len(third_fd) == 1
     FileStore._release_lock(path, third_fd[0])
@@ -187,7 +229,6 @@ async def test_the_sweep_removes_only_free_stale_lock_files(tmp_path: Path) -> N
         assert granted
         held = tmp_path / (FileStore.LOCK_PREFIX + "held")
         os.utime(held, (old, old))
-        await FileStore(tmp_path).put(KEY, b"der", expires=staple.store.datetime.now())
+        await FileStore(tmp_path).put(KEY, b"der", expires=datetime.now(UTC))
         assert sorted(lock_files(tmp_path)) == [fresh.name, held.name]
-        async with FileStore(tmp_path).lock("held", ttl=3 * FileStore.STALE_TEMP) as second:
-            assert not second  # still a working lock
+        assert take(FileStore(tmp_path), "held", 3 * FileStore.STALE_TEMP) == (False, None)
