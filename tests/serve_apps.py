@@ -6,6 +6,7 @@ processes, from the repository root).
 ``python -m aiohttp.web`` calls one); ``make_aiohttp_app_async``: an async factory taking nothing.
 ``asgi_app``: :data:`tests.asgi_apps.app` (a raw ASGI app: JSON of its scope, a WebSocket echo,
 lifespan lines).
+``failing_startup``: an ASGI app whose lifespan start-up fails.
 ``not_an_app``, ``make_nothing``: what ``--app`` must refuse. Importing
 ``tests.serve_apps_broken`` raises.
 """
@@ -13,6 +14,7 @@ lifespan lines).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from aiohttp import web
 
@@ -21,6 +23,7 @@ from .asgi_apps import app as asgi_app
 __all__ = [
     "aiohttp_app",
     "asgi_app",
+    "failing_startup",
     "make_aiohttp_app",
     "make_aiohttp_app_async",
     "make_nothing",
@@ -48,3 +51,9 @@ def make_nothing() -> int:
 
 aiohttp_app = make_aiohttp_app([])
 not_an_app = "a string"
+
+
+async def failing_startup(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        await receive()  # lifespan.startup
+        await send({"type": "lifespan.startup.failed", "message": "no database"})

@@ -22,6 +22,8 @@ import pytest
 import websockets
 
 from staple import cli
+from staple.cli.serve import ServeConfig, Serving, serve
+from staple.probe import probe
 from staple.testing import Fault, OcspResponder, TestPKI
 
 from .server_process import CURL_BAD_STAPLE, HOST, ServerProcess, curl, files, server_process
@@ -143,6 +145,52 @@ async def test_asgi_app_revoked_fails_curl(pki, responder, tmp_path, ca_file) ->
         code, out = await curl(port, ca_file)
         assert code == CURL_BAD_STAPLE, out
         await stopped_cleanly(s)
+
+
+# -- in-process: the serve() coroutine ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attr", "kind"), [("aiohttp_app", "aiohttp"), ("asgi_app", "ASGI, uvicorn")]
+)
+async def test_serve_coroutine_with_an_app(pki, responder, tmp_path, attr, kind) -> None:
+    """``serve(ServeConfig(app=...))`` on the test's loop: ready, stapled (verified by staple's
+    own probe), stopped with 0, and nothing left open (filterwarnings = error)."""
+    leaf = pki.issue_leaf("app.serve.test", ocsp_url=responder.url)
+    config = ServeConfig(
+        certs=[files(tmp_path, leaf)],
+        host=HOST,
+        port=0,
+        cache_dir=None,
+        app=f"tests.serve_apps:{attr}",
+    )
+    out = io.StringIO()
+    ready: asyncio.Future[Serving] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(config, out=out, ready=ready, stop=stop))
+    serving = await asyncio.wait_for(ready, 30)
+    result = await probe(HOST, serving.port, servername="app.serve.test")
+    assert result.code == 0, result.lines()
+    assert [h.cert for h in serving.handles] == [leaf.cert]
+    stop.set()
+    assert await asyncio.wait_for(task, 30) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0] == f"listening on https://{HOST}:{serving.port}"
+    assert lines[2].startswith(f"serving tests.serve_apps:{attr} ({kind} ")
+    assert "[app.serve.test]: stapling good" in lines[3]
+
+
+async def test_asgi_lifespan_failure_exits_2(pki, responder, tmp_path, capsys) -> None:
+    leaf = pki.issue_leaf("app.serve.test", ocsp_url=responder.url)
+    config = ServeConfig(
+        certs=[files(tmp_path, leaf)], host=HOST, port=0, cache_dir=None,
+        app="tests.serve_apps:failing_startup",
+    )  # fmt: skip
+    ready: asyncio.Future[Serving] = asyncio.get_running_loop().create_future()
+    assert await serve(config, out=io.StringIO(), ready=ready, stop=asyncio.Event()) == 2
+    with pytest.raises(RuntimeError, match="the ASGI app could not start"):
+        ready.result()
+    assert "staple serve: the ASGI app could not start" in capsys.readouterr().err
 
 
 # -- what --app refuses --------------------------------------------------------------------------
@@ -285,7 +333,7 @@ async def test_asgi_workers_stop_on_sigint(pki, responder, tmp_path, ca_file) ->
     leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
     command = staple_serve(
         *files(tmp_path, leaf), "--app", "tests.serve_apps:asgi_app", "--workers", "2",
-        "--cache-dir", str(tmp_path / "cache"),
+        "--cache-dir", str(tmp_path / "cache"), "--loop", "auto",  # uvloop when installed
     )  # fmt: skip
     async with server_process(*command) as server:
         port = await listening(server)
@@ -308,3 +356,33 @@ async def test_workers_that_cannot_start_exit_2(pki, responder, tmp_path) -> Non
         assert await server.wait() == 2, server.output
     assert server.matches(r"could not start; stopping"), server.output
     assert not server.matches(r"starting another")
+
+
+# -- the example -----------------------------------------------------------------------------
+
+
+@pytest.mark.external
+@pytest.mark.parametrize(
+    ("attr", "expected"),
+    [("app", "hello over https, 1 certificate(s) stapled\n"), ("asgi_app", "hello over https\n")],
+)
+async def test_example_as_its_docstring_runs_it(
+    pki, responder, tmp_path, ca_file, attr, expected
+) -> None:
+    """``cd examples && staple serve --app serve_app:...``: the console script, importing the
+    app from the current directory."""
+    leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
+    chain, key = files(tmp_path, leaf)
+    script = Path(sys.executable).parent / "staple"
+    command = (
+        "sh", "-c", 'cd examples && exec "$@"', "sh",
+        str(script), "serve", "--app", f"serve_app:{attr}", "--cert", str(chain),
+        "--key", str(key), "--host", HOST, "--port", "0", "--workers", "2",
+        "--cache-dir", str(tmp_path / "cache"),
+    )  # fmt: skip
+    async with server_process(*command) as server:
+        port = await listening(server)
+        await server.wait_for(WORKER_GOOD, count=2)
+        code, body = await curl(port, ca_file)
+        assert (code, body) == (0, expected)
+        await stopped_cleanly(server)
