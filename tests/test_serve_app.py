@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import websockets
 
+import staple
+import staple.cli
 from staple import cli
 from staple.cli.serve import ServeConfig, Serving, serve
 from staple.probe import probe
@@ -227,8 +229,9 @@ async def test_app_with_static_exits_2(pki, tmp_path, capsys) -> None:
 
 
 async def test_asgi_app_without_uvicorn_names_the_extra(pki, tmp_path, capsys, monkeypatch):
-    for name in ("staple.cli.serve_asgi", "staple.uvicorn"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    for package, name in ((staple.cli, "serve_asgi"), (staple, "uvicorn")):
+        monkeypatch.delitem(sys.modules, f"{package.__name__}.{name}", raising=False)
+        monkeypatch.delattr(package, name, raising=False)  # `from . import` looks here first
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # `import uvicorn` raises ImportError
     chain, key = files(tmp_path, pki.issue_leaf("localhost"))
     argv = ["serve", "--app", "tests.serve_apps:asgi_app", "--no-cache", "--port", "0"]

@@ -63,6 +63,7 @@ from ..server_context import TLSProfile
 from ..stapler import Stapler
 from ..static_files import SmallFiles
 from ..status_page import status_app, status_line
+from ..store import Store
 from ..workers import run_workers
 from .options import (
     add_proxy_argument,
@@ -244,7 +245,8 @@ class Serving:
     files: SmallFiles | None = None
     """What ``--static`` serves from memory (``None`` without ``--static``)."""
     server: StaplingServer | None = None
-    """What serves it: its sites, their handshake cap."""
+    """What serves it: its sites, their handshake cap (``None`` for an ASGI app, which
+    :class:`staple.uvicorn.Server` serves)."""
 
 
 async def serve(
@@ -269,142 +271,174 @@ async def serve(
     on that instead of ``config.host`` and ``config.port``, says nothing about listening (the
     parent did), and starts each line with ``worker PID: ``.
     """
-    out = out or sys.stdout
-    handle_signals = stop is None
-    stop = asyncio.Event() if stop is None else stop
-    started = False
-    prefix = "" if sock is None else f"worker {os.getpid()}: "
-
-    def say(line: str) -> None:
-        _say(out, prefix + line)
-
-    def on_update(event: Event) -> None:
-        # Before the start the status lines say it all; after the stop, "closed" is noise.
-        if started and not stop.is_set():
-            say(f"{_stamp()} {event}")
-
-    def cannot_start(reason: str, cause: BaseException | None = None) -> int:
-        if cause is not None:  # an exception in the user's code: where, not just what
-            traceback.print_exception(cause, file=sys.stderr)
-        print(f"staple serve: {prefix}{reason}", file=sys.stderr, flush=True)
-        if ready is not None and not ready.done():
-            ready.set_exception(RuntimeError(reason))
-        return EXIT_USAGE
-
+    run = _Run(
+        out=out or sys.stdout,
+        ready=ready,
+        stop=asyncio.Event() if stop is None else stop,
+        handle_signals=stop is None,
+        prefix="" if sock is None else f"worker {os.getpid()}: ",
+    )
     bad_store = store_url_problem(config.store_url)
     if bad_store is not None:
-        return cannot_start(bad_store)
+        return run.cannot_start(bad_store)
     try:
         _check_paths(config)
     except StartError as exc:
-        return cannot_start(str(exc))
+        return run.cannot_start(str(exc))
     made: MadeApp | None = None
     if config.app is not None:
         try:
             made = await make_app(find_app(config.app))
         except AppError as exc:
-            return cannot_start(str(exc), exc.__cause__)
+            return run.cannot_start(str(exc), exc.__cause__)
         except Exception as exc:  # the factory's own failure
-            return cannot_start(f"--app {config.app}: the factory raised {exc!r}", exc)
+            return run.cannot_start(f"--app {config.app}: the factory raised {exc!r}", exc)
         if made.kind is AppKind.ASGI:
             problem = _asgi_problem(config.app)
             if problem is not None:
-                return cannot_start(problem)
+                return run.cannot_start(problem)
     store = await open_store(cache_dir=config.cache_dir, store_url=config.store_url)
     try:
         if made is not None and made.kind is AppKind.ASGI:
-            from . import serve_asgi  # importable: checked above
-
-            listening = sock
-            if listening is None:
-                try:
-                    listening = _bind(config.host, config.port)
-                except OSError as exc:
-                    bound = _host_port(config.host, config.port)
-                    return cannot_start(f"cannot listen on {bound}: {exc.strerror or exc}")
-            url = _url_of(listening)
-
-            def on_asgi_start(server: serve_asgi.AppServer) -> None:
-                nonlocal started
-                if sock is None:
-                    say(f"listening on {url}")
-                say(f"event loop: {describe_loop(asyncio.get_running_loop())}")
-                say(f"serving {config.app} (ASGI, uvicorn {serve_asgi.UVICORN_VERSION})")
-                assert server.stapler is not None
-                handles = list(server.stapler.handles)
-                for handle in handles:
-                    say(status_line(handle))
-                started = True
-                if ready is not None and not ready.done():
-                    port = listening.getsockname()[1]
-                    ready.set_result(
-                        Serving(url, config.host, port, server.stapler, handles, None, None)
-                    )
-
-            try:
-                with _stop_on_signals(stop) if handle_signals else contextlib.nullcontext():
-                    ok = await serve_asgi.serve_asgi(
-                        made.app,
-                        sock=listening,
-                        stop=stop,
-                        certs=[(Path(chain), Path(key)) for chain, key in config.certs],
-                        store=store,
-                        on_update=on_update,
-                        policy=config.policy,
-                        responder_urls=[config.responder] if config.responder else None,
-                        proxy=config.proxy,
-                        tls_profile=config.tls_profile,
-                        on_start=on_asgi_start,
-                    )
-            finally:
-                listening.close()  # uvicorn closed it already, unless it never started
-            if not ok:
-                return cannot_start("the ASGI app could not start (see the errors above)")
-            return EXIT_OK
-        stapler = Stapler(
-            store=store, policy=config.policy, on_update=on_update, proxy=config.proxy
-        )
-        static = Path(config.static) if config.static is not None else None
-        files = SmallFiles(static) if static is not None else None
-        app: web.Application = (
-            made.app if made is not None else status_app(static=static, files=files)
-        )
-        where: dict[str, Any] = (
-            {"host": config.host, "port": config.port} if sock is None else {"sock": sock}
-        )
-        server = StaplingServer(
-            app,
-            certs=[(Path(chain), Path(key)) for chain, key in config.certs],
-            stapler=stapler,
-            responder_urls=[config.responder] if config.responder else None,
-            access_log=None,
-            tls_profile=config.tls_profile,
-            **where,
-        )
-
-        def on_start(server: StaplingServer) -> None:
-            nonlocal started
-            url = server.url if sock is None else _url_of(sock)
-            if sock is None:
-                say(f"listening on {url}")
-            say(f"event loop: {describe_loop(asyncio.get_running_loop())}")
-            if made is not None:
-                say(f"serving {config.app} (aiohttp {_AIOHTTP_VERSION})")
-            for handle in server.handles:
-                say(status_line(handle))
-            started = True
-            if ready is not None and not ready.done():
-                port = server.port
-                serving = Serving(url, config.host, port, stapler, server.handles, files, server)
-                ready.set_result(serving)
-
-        try:
-            await server.run(stop=stop, handle_signals=handle_signals, on_start=on_start)
-        except StartError as exc:
-            return cannot_start(str(exc))
-        return EXIT_OK
+            return await _serve_asgi(run, config, made, store, sock)
+        return await _serve_aiohttp(run, config, made, store, sock)
     finally:
         await store.close()
+
+
+class _Run:
+    """One run of :func:`serve`: its output lines, its start, its stop."""
+
+    def __init__(
+        self,
+        *,
+        out: TextIO,
+        ready: asyncio.Future[Serving] | None,
+        stop: asyncio.Event,
+        handle_signals: bool,
+        prefix: str,
+    ) -> None:
+        self.out = out
+        self.ready = ready
+        self.stop = stop
+        self.handle_signals = handle_signals
+        self.prefix = prefix
+        """``worker PID: `` in a worker process, else empty."""
+        self.started = False
+
+    def say(self, line: str) -> None:
+        _say(self.out, self.prefix + line)
+
+    def on_update(self, event: Event) -> None:
+        # Before the start the status lines say it all; after the stop, "closed" is noise.
+        if self.started and not self.stop.is_set():
+            self.say(f"{_stamp()} {event}")
+
+    def cannot_start(self, reason: str, cause: BaseException | None = None) -> int:
+        if cause is not None:  # an exception in the user's code: where, not just what
+            traceback.print_exception(cause, file=sys.stderr)
+        print(f"staple serve: {self.prefix}{reason}", file=sys.stderr, flush=True)
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_exception(RuntimeError(reason))
+        return EXIT_USAGE
+
+    def signals(self) -> contextlib.AbstractContextManager[None]:
+        """SIGINT and SIGTERM set ``stop`` in the block, unless the caller gave ``stop``."""
+        return _stop_on_signals(self.stop) if self.handle_signals else contextlib.nullcontext()
+
+    def on_start(self, serving: Serving, *, announce: bool, app: str | None) -> None:
+        """The start-up lines (``listening on`` only when ``announce``), then ``ready``."""
+        if announce:
+            self.say(f"listening on {serving.url}")
+        self.say(f"event loop: {describe_loop(asyncio.get_running_loop())}")
+        if app is not None:
+            self.say(f"serving {app}")
+        for handle in serving.handles:
+            self.say(status_line(handle))
+        self.started = True
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_result(serving)
+
+
+async def _serve_aiohttp(
+    run: _Run, config: ServeConfig, made: MadeApp | None, store: Store, sock: socket.socket | None
+) -> int:
+    """The status page (``made`` ``None``) or an aiohttp app, on :class:`StaplingServer`."""
+    stapler = Stapler(
+        store=store, policy=config.policy, on_update=run.on_update, proxy=config.proxy
+    )
+    static = Path(config.static) if config.static is not None else None
+    files = SmallFiles(static) if static is not None else None
+    app: web.Application = made.app if made is not None else status_app(static=static, files=files)
+    where: dict[str, Any] = (
+        {"host": config.host, "port": config.port} if sock is None else {"sock": sock}
+    )
+    server = StaplingServer(
+        app,
+        certs=[(Path(chain), Path(key)) for chain, key in config.certs],
+        stapler=stapler,
+        responder_urls=[config.responder] if config.responder else None,
+        access_log=None,
+        tls_profile=config.tls_profile,
+        **where,
+    )
+
+    def on_start(server: StaplingServer) -> None:
+        url = server.url if sock is None else _url_of(sock)
+        serving = Serving(url, config.host, server.port, stapler, server.handles, files, server)
+        described = None if made is None else f"{config.app} (aiohttp {_AIOHTTP_VERSION})"
+        run.on_start(serving, announce=sock is None, app=described)
+
+    try:
+        await server.run(stop=run.stop, handle_signals=run.handle_signals, on_start=on_start)
+    except StartError as exc:
+        return run.cannot_start(str(exc))
+    return EXIT_OK
+
+
+async def _serve_asgi(
+    run: _Run, config: ServeConfig, made: MadeApp, store: Store, sock: socket.socket | None
+) -> int:
+    """An ASGI app on :class:`staple.uvicorn.Server` (:mod:`.serve_asgi`), on ``sock`` or a
+    socket bound here."""
+    from . import serve_asgi  # importable: serve() checked
+
+    listening = sock
+    if listening is None:
+        try:
+            listening = _bind(config.host, config.port)
+        except OSError as exc:
+            where = _host_port(config.host, config.port)
+            return run.cannot_start(f"cannot listen on {where}: {exc.strerror or exc}")
+    url, port = _url_of(listening), listening.getsockname()[1]
+
+    def on_start(server: serve_asgi.AppServer) -> None:
+        assert server.stapler is not None
+        handles = list(server.stapler.handles)
+        serving = Serving(url, config.host, port, server.stapler, handles)
+        described = f"{config.app} (ASGI, uvicorn {serve_asgi.UVICORN_VERSION})"
+        run.on_start(serving, announce=sock is None, app=described)
+
+    try:
+        with run.signals():
+            started = await serve_asgi.serve_asgi(
+                made.app,
+                sock=listening,
+                stop=run.stop,
+                certs=[(Path(chain), Path(key)) for chain, key in config.certs],
+                store=store,
+                on_update=run.on_update,
+                policy=config.policy,
+                responder_urls=[config.responder] if config.responder else None,
+                proxy=config.proxy,
+                tls_profile=config.tls_profile,
+                on_start=on_start,
+            )
+    finally:
+        listening.close()  # uvicorn closed it already, unless it never started
+    if not started:
+        return run.cannot_start("the ASGI app could not start (see the errors above)")
+    return EXIT_OK
 
 
 def _say(out: TextIO, line: str) -> None:
