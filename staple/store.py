@@ -4,8 +4,9 @@ A store only keeps bytes under a CertID key; it is never trusted. The handle re-
 whatever a store returns exactly like a response from the network (signature, CertID, times,
 rollback), so a corrupt file or a poisoned shared store can at worst cost a fetch.
 
-The optional :meth:`Store.lock` lets a shared store (Redis) elect one server of a fleet to fetch
-while the others adopt its result; local stores need no lock.
+The optional :meth:`Store.lock` lets a shared store elect one fetcher while the others adopt its
+result: Redis for a fleet, :class:`FileStore` for the processes of one machine (``flock``);
+the memory store needs no lock.
 
 Revocations are kept apart from responses (:meth:`Store.put_revocation`): a response is useless
 once expired, but a revocation is permanent (RFC 5280 §3.3), so its record is kept until the
@@ -24,7 +25,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import fcntl
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -76,8 +79,9 @@ class Store(abc.ABC):
         await self.put(REVOCATION_PREFIX + key, b"", expires=datetime.now(UTC))
 
     def lock(self, key: str, *, ttl: float) -> AbstractAsyncContextManager[bool]:
-        """Hold the right to fetch for ``key`` (yields whether we got it). Local stores always
-        grant it; a shared store grants it to one holder at a time, for at most ``ttl`` s."""
+        """Hold the right to fetch for ``key`` (yields whether we got it). A store of one
+        process always grants it; a shared one (a directory, Redis) grants it to one holder at
+        a time, for at most ``ttl`` s."""
         return _granted()
 
     def watch(self, key: str, callback: Callable[[], None]) -> Callable[[], None]:
@@ -169,6 +173,25 @@ def chain_pem(chain: Sequence[x509.Certificate]) -> bytes:
     return b"".join(cert.public_bytes(Encoding.PEM) for cert in chain[:2])
 
 
+_LOCK_POLL_MIN, _LOCK_POLL_MAX = 0.01, 0.1
+"""Seconds between a contender's tries for a :class:`FileStore` lock: doubling, capped; a
+fetch takes tens of milliseconds at best, seconds at worst."""
+
+_LOCK_ATTEMPTS = 8
+"""How often :meth:`FileStore.lock` retries after locking a file its holder had just removed
+(each retry means another process took and released the lock meanwhile)."""
+
+
+def _names_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
 @contextlib.asynccontextmanager
 async def _granted() -> AsyncIterator[bool]:
     yield True
@@ -223,6 +246,10 @@ class FileStore(Store):
     What such a crash leaves besides (a ``.tmp-*`` file, never read as data) is removed by the
     next process's first write, once it is an hour old: no writer takes that long, so it is
     nobody's write in progress, even with several processes sharing the directory.
+
+    Processes sharing the directory (``staple serve --workers``, gunicorn's or uvicorn's
+    workers) fetch once per certificate per refresh: :meth:`lock` elects the fetcher with
+    ``flock`` on a per-key lock file, which the kernel releases when its holder dies.
     """
 
     SUFFIX = ".ocsp"
@@ -232,6 +259,9 @@ class FileStore(Store):
     """Certificate records: the leaf and its issuer (PEM) beside the response."""
     STALE_TEMP = 3600.0
     """Seconds after which a leftover temporary file is a crash's, and removed."""
+    LOCK_PREFIX = TEMP_PREFIX + "lock-"
+    """Lock files (:meth:`lock`): ``.tmp-lock-KEY``, there only while held (or left by a
+    holder that died, until the next holder of that key or the sweep removes it)."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
@@ -260,6 +290,104 @@ class FileStore(Store):
 
     async def clear_revocation(self, key: str) -> None:
         await asyncio.to_thread(self._remove, self._revoked_path(key))
+
+    def lock(self, key: str, *, ttl: float) -> AbstractAsyncContextManager[bool]:
+        """The right to fetch ``key`` among the processes sharing this directory, one holder
+        at a time. A contender waits for the holder to let go, then gets it (``True``): the
+        handle then reads the store first, adopts the response the holder stored and fetches
+        nothing, so the workers of a machine make one request per certificate per refresh and
+        each staples its first handshake even after a cold start. (A Redis fleet gets the
+        same from the notice the holder publishes; a directory has no notices, and a
+        contender refused at once would staple nothing until it looked again.)
+
+        Theory of operation: the holder has ``flock(LOCK_EX)`` on ``.tmp-lock-KEY`` in the
+        directory. Contenders try ``LOCK_NB`` every few tens of milliseconds (a flock can't
+        be awaited). The kernel drops the lock when its holder's process dies, however it
+        dies (SIGKILL included), so a contender takes over at once. On release the holder
+        removes the file, then unlocks; a contender that opened the file just before the
+        removal may lock that orphan afterwards, so every taker checks that the path still
+        names the file it locked, and else tries again with the new one. ``ttl`` bounds a
+        holder that hangs while alive: once the lock was taken more than ``ttl`` seconds ago
+        (the file's mtime, set by each taker) a contender stops waiting and is granted it
+        without holding it, as a Redis lock expires. A directory where no lock file can be
+        made (read-only, not creatable) grants every caller: each process fetches for
+        itself, as :class:`~staple.RedisStore` fails open. ``flock`` needs a local file
+        system.
+
+        Each try is a few metadata system calls (no ``fsync``), made on the loop thread so
+        that a cancellation can never leave a lock held.
+        """
+        return self._locked(self._lock_path(key), ttl)
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, path: Path, ttl: float) -> AsyncIterator[bool]:
+        delay = _LOCK_POLL_MIN
+        granted, fd = self._take_lock(path, ttl)
+        while not granted:  # held by another: wait for it to let go (or to outlive its ttl)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _LOCK_POLL_MAX)
+            granted, fd = self._take_lock(path, ttl)
+        try:
+            yield True
+        finally:
+            if fd is not None:
+                self._release_lock(path, fd)
+
+    def _lock_path(self, key: str) -> Path:
+        self.path_for(key)  # the same key rules as the data files
+        return self.directory / (self.LOCK_PREFIX + key)
+
+    def _take_lock(self, path: Path, ttl: float) -> tuple[bool, int | None]:
+        """One try, never waiting: ``(True, fd)`` when taken (``fd`` holds it), ``(True,
+        None)`` when granted without a lock to hold (a hung holder, an unusable directory),
+        ``(False, None)`` while another holds it."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for _ in range(_LOCK_ATTEMPTS):
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # held by another process, or another open() of ours
+                    taken_at = os.fstat(fd).st_mtime
+                    os.close(fd)
+                    if time.time() - taken_at > ttl:
+                        log.warning(
+                            "%r: the lock %s has been held for more than %g s; fetching anyway",
+                            self,
+                            path.name,
+                            ttl,
+                        )
+                        return True, None
+                    return False, None
+                except BaseException:
+                    os.close(fd)
+                    raise
+                if _names_file(path, fd):
+                    os.utime(fd)  # when it was taken, for the ttl of the next contender
+                    return True, fd
+                os.close(fd)  # an orphan its holder removed on release: take the new file
+        except OSError as exc:
+            log.debug("%r: cannot lock %s (%s); fetching without the lock", self, path.name, exc)
+        return True, None  # fail open: each process fetches for itself
+
+    @staticmethod
+    def _release_lock(path: Path, fd: int) -> None:
+        """Remove the lock file while holding it, then unlock (``LOCK_UN`` before ``close``:
+        a descriptor a child process inherited would otherwise keep it locked)."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError as exc:  # closing releases it anyway
+            log.debug("unlocking %s: %s", path.name, exc)
+        finally:
+            os.close(fd)
+
+    def _remove_free_lock(self, path: Path) -> None:
+        """Remove a lock file a dead holder left, if nobody holds it now (the sweep)."""
+        _, fd = self._take_lock(path, ttl=math.inf)
+        if fd is not None:
+            self._release_lock(path, fd)
 
     def _revoked_path(self, key: str) -> Path:
         return self.path_for(key, suffix=self.REVOKED_SUFFIX)
@@ -326,7 +454,11 @@ class FileStore(Store):
         stale = time.time() - self.STALE_TEMP
         for leftover in self.directory.glob(TEMP_PREFIX + "*"):
             with contextlib.suppress(OSError):  # gone already, or not ours to remove
-                if leftover.stat().st_mtime < stale:
+                if leftover.stat().st_mtime >= stale:
+                    continue
+                if leftover.name.startswith(self.LOCK_PREFIX):
+                    self._remove_free_lock(leftover)  # unless someone holds it
+                else:
                     leftover.unlink()
 
     def __repr__(self) -> str:

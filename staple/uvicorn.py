@@ -64,6 +64,7 @@ from .stapler import MustStaple, Stapler
 from .status_page import status_line
 from .store import Store
 from .store_choice import STORE_SCHEMES, store_from_environment, store_from_url
+from .workers import run_workers
 
 __all__ = ["Server", "run"]
 
@@ -357,11 +358,10 @@ class _sigterm_returns:
 def _run_workers(config: uvicorn.Config, stapling: dict[str, Any]) -> int:
     """Fork ``config.workers`` processes serving one listening socket; the exit status.
 
-    Each child runs its own :class:`Server` (so its own stapler, over a store of its own making
-    or a forked copy of the one given). The parent forwards SIGINT and SIGTERM to the children
-    as SIGTERM (a Ctrl-C reaches them from the terminal too; a second SIGINT would skip
-    uvicorn's graceful shutdown), replaces a child that dies, and stops when one could not
-    start (status 3).
+    :func:`staple.workers.run_workers` supervises them: each child runs its own
+    :class:`Server` (so its own stapler, over a store of its own making or a forked copy of
+    the one given); a child that dies is replaced; one that could not start (status 3) stops
+    them all.
     """
     if config.uds is not None or config.fd is not None:
         raise ValueError("workers > 1 needs host and port, not uds or fd")
@@ -379,72 +379,20 @@ def _run_workers(config: uvicorn.Config, stapling: dict[str, Any]) -> int:
         where,
         config.workers,
     )
-    children: set[int] = set()
-    stopping = False
 
-    def stop(sig: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-
-    def spawn() -> None:
-        pid = _fork_worker(config, stapling, sock, previous)
-        children.add(pid)
-        if stopping:  # the signal came while forking
-            os.kill(pid, signal.SIGTERM)
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    status = 0
-    try:
-        for _ in range(config.workers):
-            spawn()
-        while children:
-            pid, wait_status = os.waitpid(-1, 0)  # retried after a signal's handler (PEP 475)
-            children.discard(pid)
-            code = os.waitstatus_to_exitcode(wait_status)
-            if stopping:
-                continue
-            if code == STARTUP_FAILURE:
-                logger.error("Child process [%d] could not start; stopping", pid)
-                status = STARTUP_FAILURE
-                stop(signal.SIGTERM, None)
-                continue
-            logger.info("Child process [%d] died (status %d); starting another", pid, code)
-            spawn()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        sock.close()
-    return status
-
-
-def _fork_worker(
-    config: uvicorn.Config,
-    stapling: dict[str, Any],
-    sock: socket.socket,
-    handlers: dict[signal.Signals, Any],
-) -> int:
-    """Fork one worker process serving ``sock``; its pid (in the parent)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        for sig, handler in handlers.items():  # the parent's forwarding is not for us
-            signal.signal(sig, handler)
+    def work() -> int:
         server = Server(config, **stapling)
         with _sigterm_returns(server), contextlib.suppress(KeyboardInterrupt):
             server.run(sockets=[sock])
-        code = 0 if server.started else STARTUP_FAILURE
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        logger.exception("Worker process [%d] failed", os.getpid())
+        return 0 if server.started else STARTUP_FAILURE
+
+    try:
+        return run_workers(
+            config.workers, work, report=_report_worker, startup_failure=STARTUP_FAILURE
+        )
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        sock.close()
+
+
+def _report_worker(level: int, message: str) -> None:
+    logger.log(level, "%s", message[:1].upper() + message[1:])
