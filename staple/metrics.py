@@ -14,6 +14,7 @@ series carry the labels ``serial`` (lower-case hex) and ``subject`` (RFC 4514)::
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -225,16 +226,21 @@ def handler(
 
 
 async def start_server(
-    host: str, port: int, *, registry: CollectorRegistry = REGISTRY
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    registry: CollectorRegistry = REGISTRY,
+    sock: socket.socket | None = None,
 ) -> web.AppRunner:
-    """Serve ``/metrics`` over plain HTTP on ``host:port``; ``await runner.cleanup()`` stops it.
-    The bound port is ``runner.addresses[0][1]`` (useful with port 0)."""
+    """Serve ``/metrics`` over plain HTTP on ``host:port`` (or on a listening ``sock``);
+    ``await runner.cleanup()`` stops it. The bound port is ``runner.addresses[0][1]``."""
     app = web.Application()
     app.router.add_get("/metrics", handler(registry))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        site = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port)
+        await site.start()
     except BaseException:
         await runner.cleanup()
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -11,10 +12,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 import staple
-from staple import FileStore, metrics
+from staple import FileStore, cli, metrics
 from staple.stapler import Stapler
 from staple.testing import FakeClock, Fault
 
+from .test_serve import config_for, files, running
 from .test_stapler import server_context
 from .tls_pair import client_context, handshake
 
@@ -171,3 +173,47 @@ async def test_fleet_lock_and_store_errors_with_a_shared_store(clock, pki, respo
     assert samples[("staple_fleet_lock_total", labels_of(result="acquired"))] == 1
     assert samples[("staple_fleet_lock_total", labels_of(result="unavailable"))] == 0
     assert samples[("staple_store_errors_total", frozenset())] >= 1
+
+
+# -- staple serve --metrics ------------------------------------------------------------------
+
+
+async def scrape_url(url: str) -> Samples:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200
+        text = await response.text()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_serve_exposes_metrics_on_its_own_listener(pki, responder, tmp_path) -> None:
+    leaf = pki.issue_leaf("metrics.serve.test", ocsp_url=responder.url)
+    config = config_for(tmp_path, files(tmp_path, leaf, "leaf"), metrics=("127.0.0.1", 0))
+    out = io.StringIO()
+    async with running(config, out) as serving:
+        line = next(x for x in out.getvalue().splitlines() if x.startswith("metrics on "))
+        url = line.removeprefix("metrics on ")
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
+        assert not url.startswith(serving.url)  # a listener of its own, plain HTTP
+        samples = await scrape_url(url)
+        assert samples[("staple_ocsp_response_status", cert_labels(leaf))] == 0
+        assert samples[("staple_ocsp_fetch_total", labels_of(result="ok"))] == 1
+    with pytest.raises(aiohttp.ClientConnectionError):  # closed with the server
+        await scrape_url(url)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--metrics", "nowhere"], "expected HOST:PORT"),
+        (["--metrics", "127.0.0.1:0", "--workers", "2"], "--metrics with --workers"),
+    ],
+)
+async def test_serve_metrics_usage_errors(tmp_path, capsys, argv, message) -> None:
+    chain, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    code = await cli.run(["serve", "--cert", str(chain), "--key", str(key), *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err

@@ -158,6 +158,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "modern (TLS 1.3 only) (%(default)s)",
     )
     parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, a plain-HTTP listener of "
+        "its own (needs ocsp-staple[metrics]; one process: not with --workers)",
+    )
+    parser.add_argument(
         "--loop",
         choices=LOOPS,
         default="auto",
@@ -187,6 +193,19 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
     if args.workers < 1:
         print(f"staple serve: --workers {args.workers}: at least 1", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        metrics_at = None if args.metrics is None else _host_and_port(args.metrics)
+    except ValueError as exc:
+        print(f"staple serve: --metrics: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if metrics_at is not None and args.workers > 1:
+        print(
+            "staple serve: --metrics with --workers: each worker holds its own stapler, so "
+            "their metrics would need a port each; run one process, or scrape the workers' "
+            "store with `staple status`",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     config = ServeConfig(
         certs=list(zip(args.cert, args.key, strict=True)),
         host=args.host,
@@ -198,6 +217,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
         tls_profile=TLSProfile(args.tls_profile),
         proxy=proxy,
         app=args.app,
+        metrics=metrics_at,
     )
     if args.workers > 1:
         # Blocks this loop until the workers have stopped: the parent only supervises.
@@ -231,6 +251,8 @@ class ServeConfig:
     app: str | None = None
     """``MODULE:ATTR``: the aiohttp or ASGI application to serve (:mod:`staple.app_loader`);
     ``None`` serves the status page."""
+    metrics: tuple[str, int] | None = None
+    """``(host, port)`` of a plain-HTTP ``/metrics`` listener (:mod:`staple.metrics`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,12 +319,17 @@ async def serve(
             problem = _asgi_problem(config.app)
             if problem is not None:
                 return run.cannot_start(problem)
+    if config.metrics is not None:
+        problem = run.bind_metrics(*config.metrics)
+        if problem is not None:
+            return run.cannot_start(problem)
     store = await open_store(cache_dir=config.cache_dir, store_url=config.store_url)
     try:
         if made is not None and made.kind is AppKind.ASGI:
             return await _serve_asgi(run, config, made, store, sock)
         return await _serve_aiohttp(run, config, made, store, sock)
     finally:
+        await run.close_metrics()
         await store.close()
 
 
@@ -325,6 +352,8 @@ class _Run:
         self.prefix = prefix
         """``worker PID: `` in a worker process, else empty."""
         self.started = False
+        self._metrics_sock: socket.socket | None = None
+        self._metrics: asyncio.Task[web.AppRunner] | None = None
 
     def say(self, line: str) -> None:
         _say(self.out, self.prefix + line)
@@ -342,6 +371,38 @@ class _Run:
             self.ready.set_exception(RuntimeError(reason))
         return EXIT_USAGE
 
+    def bind_metrics(self, host: str, port: int) -> str | None:
+        """Bind ``--metrics`` before anything starts; why it cannot be, or ``None``."""
+        if importlib.util.find_spec("prometheus_client") is None:
+            return "--metrics needs prometheus-client: pip install 'ocsp-staple[metrics]'"
+        try:
+            self._metrics_sock = _bind(host, port)
+        except OSError as exc:
+            return f"--metrics: cannot listen on {_host_port(host, port)}: {exc.strerror or exc}"
+        return None
+
+    async def _serve_metrics(self, stapler: Stapler, sock: socket.socket) -> web.AppRunner:
+        from prometheus_client import CollectorRegistry  # only with --metrics
+
+        from .. import metrics
+
+        registry = CollectorRegistry()
+        metrics.register(stapler, registry=registry)
+        return await metrics.start_server(registry=registry, sock=sock)
+
+    async def close_metrics(self) -> None:
+        """Stop the ``/metrics`` listener (if it started) and release its socket."""
+        task, self._metrics = self._metrics, None
+        if task is not None:
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                runner = await task
+                await runner.cleanup()
+        if self._metrics_sock is not None:
+            self._metrics_sock.close()
+            self._metrics_sock = None
+
     def signals(self) -> contextlib.AbstractContextManager[None]:
         """SIGINT and SIGTERM set ``stop`` in the block, unless the caller gave ``stop``."""
         return _stop_on_signals(self.stop) if self.handle_signals else contextlib.nullcontext()
@@ -355,6 +416,11 @@ class _Run:
             self.say(f"serving {app}")
         for handle in serving.handles:
             self.say(status_line(handle))
+        if self._metrics_sock is not None:  # listening already: scrapes queue until it serves
+            self.say(f"metrics on {_url_of(self._metrics_sock, 'http')}/metrics")
+            self._metrics = asyncio.get_running_loop().create_task(
+                self._serve_metrics(serving.stapler, self._metrics_sock)
+            )
         self.started = True
         if self.ready is not None and not self.ready.done():
             self.ready.set_result(serving)
@@ -486,13 +552,22 @@ def _bind(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=128)
 
 
+def _host_and_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` (port 0: a free one). Raises ValueError."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _url_of(sock: socket.socket) -> str:
+def _url_of(sock: socket.socket, scheme: str = "https") -> str:
     host, port = sock.getsockname()[:2]
-    return f"https://{_host_port(host, port)}"
+    return f"{scheme}://{_host_port(host, port)}"
 
 
 # -- worker processes ------------------------------------------------------------------------
