@@ -46,6 +46,25 @@ with contextlib.suppress(ImportError):  # optional: these tests also run on uvlo
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
+# The transport under test, set for each test by the autouse ``transport`` fixture.
+TRANSPORT: tls.TransportKind = "memory"
+
+
+@pytest.fixture(params=tls.TRANSPORTS, autouse=True)
+def transport(request: pytest.FixtureRequest) -> Iterator[tls.TransportKind]:
+    """Every test runs on both TLS transports: memory BIOs, and OpenSSL on the socket."""
+    global TRANSPORT
+    TRANSPORT = request.param
+    try:
+        yield request.param
+    finally:
+        TRANSPORT = "memory"
+
+
+def memory_only(transport: str) -> None:
+    """Skip a test about the memory-BIO transport's own objects on the socket transport."""
+    if transport != "memory":
+        pytest.skip("about TLSServerProtocol/TLSTransport, the memory-BIO transport's objects")
 
 
 # -- certificates ----------------------------------------------------------------------------
@@ -305,7 +324,9 @@ def collecting(make: Callable[[], T]) -> tuple[list[T], Callable[[], T]]:
 async def serving(
     factory: Callable[[], asyncio.BaseProtocol], ctx: SSL.Context, **kwargs: Any
 ) -> AsyncIterator[int]:
-    server = await tls.create_server(factory, HOST, 0, ssl_context=ctx, **kwargs)
+    server = await tls.create_server(
+        factory, HOST, 0, ssl_context=ctx, transport=TRANSPORT, **kwargs
+    )
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
@@ -614,7 +635,9 @@ def test_start_server_streams(run: Run, pki: PKI) -> None:
             await writer.wait_closed()
             finished.set_result(None)
 
-        server = await tls.start_server(handle, HOST, 0, ssl_context=server_context(pki))
+        server = await tls.start_server(
+            handle, HOST, 0, ssl_context=server_context(pki), transport=TRANSPORT
+        )
         port = server.sockets[0].getsockname()[1]
         reader, writer = await stdlib_connect(port, client_context(pki))
         writer.write(b"hello streams\n")
@@ -1210,7 +1233,9 @@ def test_a_raising_handshake_callback_fails_that_handshake(run: Run, pki: PKI) -
 # -- lifecycle and hooks ---------------------------------------------------------------------
 
 
-def test_illegal_state_transitions_raise(run: Run, pki: PKI) -> None:
+def test_illegal_state_transitions_raise(run: Run, pki: PKI, transport: str) -> None:
+    memory_only(transport)
+
     async def main() -> None:
         protocol = TLSServerProtocol(App(), server_context(pki))
         assert protocol._state is TLSState.UNWRAPPED
@@ -1229,7 +1254,9 @@ def test_illegal_state_transitions_raise(run: Run, pki: PKI) -> None:
     run(main())
 
 
-def test_unclosed_transport_warns(run: Run, pki: PKI) -> None:
+def test_unclosed_transport_warns(run: Run, pki: PKI, transport: str) -> None:
+    memory_only(transport)
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         held = [TLSTransport(loop, TLSServerProtocol(App(), server_context(pki)))]
@@ -1248,10 +1275,14 @@ def test_on_connection_sees_handshaking_connections(run: Run, pki: PKI) -> None:
         loop = asyncio.get_running_loop()
         transports: weakref.WeakSet[TLSTransport] = weakref.WeakSet()
         apps, app_factory = collecting(App)
-        factory = tls.server_protocol_factory(
-            app_factory, server_context(pki), on_connection=transports.add
+        server = await tls.create_server(
+            app_factory,
+            HOST,
+            0,
+            ssl_context=server_context(pki),
+            on_connection=transports.add,
+            transport=TRANSPORT,
         )
-        server = await loop.create_server(factory, HOST, 0)
         port = server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection(HOST, port)  # no ClientHello
         await yield_until(lambda: len(transports) == 1)
@@ -1384,8 +1415,9 @@ def test_aiohttp_app_with_file_response(run: Run, pki: PKI, tmp_path: Path) -> N
         runner = web.AppRunner(app)
         await runner.setup()
         assert runner.server is not None
-        factory = tls.server_protocol_factory(runner.server, server_context(pki))
-        server = await asyncio.get_running_loop().create_server(factory, HOST, 0)
+        server = await tls.create_server(
+            runner.server, HOST, 0, ssl_context=server_context(pki), transport=TRANSPORT
+        )
         port = server.sockets[0].getsockname()[1]
         try:
             async with ClientSession() as session:
