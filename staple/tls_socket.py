@@ -452,8 +452,6 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         return eof
 
     def _deliver(self, chunks: list[bytes]) -> None:
-        if self._renegotiation_alert:
-            return
         self._protocol.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _read_buffered(self) -> bool:

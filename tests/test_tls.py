@@ -1048,11 +1048,13 @@ def test_handshake_timeout(run: Run, pki: PKI) -> None:
             assert await read_to_eof(reader) == b""
             writer.close()
             assert not apps[0].made.done()
-            # Half a ClientHello, then EOF: that connection ends, quietly.
+            # Half a ClientHello, then EOF: that connection ends, quietly (on a socket BIO,
+            # OpenSSL itself reads the EOF and sends a decode_error alert first).
             reader, writer = await asyncio.open_connection(HOST, port)
             writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
             writer.write_eof()
-            assert await read_to_eof(reader) == b""
+            answer = await read_to_eof(reader)
+            assert answer == (b"" if TRANSPORT == "memory" else b"\x15\x03\x03\x00\x02\x02\x32")
             writer.close()
             assert not apps[1].made.done()
             # Broken pair: a client that does handshake is served normally.
@@ -1272,7 +1274,6 @@ def test_unclosed_transport_warns(run: Run, pki: PKI, transport: str) -> None:
 
 def test_on_connection_sees_handshaking_connections(run: Run, pki: PKI) -> None:
     async def main() -> None:
-        loop = asyncio.get_running_loop()
         transports: weakref.WeakSet[TLSTransport] = weakref.WeakSet()
         apps, app_factory = collecting(App)
         server = await tls.create_server(
