@@ -94,6 +94,11 @@ _SERVER_ARG: Final[Callable[[object], tuple[object, ...]]] = (
 )
 
 
+# At most this much plaintext is read for the application in one readiness callback.
+_READ_CAP: Final = 256 * 1024
+_READ_CAP_RECORDS: Final = _READ_CAP // _RECORD
+
+
 def _is_eof(exc: SSL.SysCallError) -> bool:
     """pyOpenSSL's "Unexpected EOF": TCP ended without a close_notify."""
     return bool(exc.args) and exc.args[0] == -1
@@ -432,12 +437,17 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
             self._start_shutdown()
 
     def _read_copied(self) -> bool:
-        """Read records until OpenSSL wants more; one data_received(). True at close_notify."""
+        """Read records until OpenSSL wants more, or _READ_CAP; one data_received().
+
+        True at close_notify. A peer sending faster than we read would otherwise keep us
+        here; the socket stays readable for the rest (OpenSSL holds no more than the record it
+        is reading, and ``recv`` takes whole records).
+        """
         recv = self._ssl.recv
         chunks: list[bytes] = []
         eof = False
         try:
-            while True:
+            for _ in range(_READ_CAP_RECORDS):
                 chunks.append(recv(_RECORD))
         except SSL.WantReadError:
             pass
@@ -458,7 +468,11 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         """Fill the app's buffers; stop if it pauses reading. True at close_notify."""
         recv_into = self._ssl.recv_into
         protocol = self._protocol
+        ssl = self._ssl
+        total = 0
         while True:
+            if total >= _READ_CAP and not ssl.pending():
+                return False  # more on the next readiness (see _read_copied)
             buf = memoryview(protocol.get_buffer(-1)).cast("B")
             wants = len(buf)
             if not wants:
@@ -480,6 +494,7 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
                     protocol.buffer_updated(offset)
                 raise
             protocol.buffer_updated(offset)  # buffer full: ask for another one
+            total += offset
             if self._app_reading_paused or self._state is not TLSState.WRAPPED:
                 return False
 
