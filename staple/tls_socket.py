@@ -94,6 +94,12 @@ _SERVER_ARG: Final[Callable[[object], tuple[object, ...]]] = (
 )
 
 
+# OP_IGNORE_UNEXPECTED_EOF: a TCP EOF without close_notify reads as one (ZeroReturnError).
+# Otherwise OpenSSL, reading the EOF itself, fails the connection with a decode_error alert,
+# and a half-closed peer could not be answered any more. (The memory-BIO transport sees EOF
+# in TCP and never shows it to OpenSSL.)
+_OPTIONS: Final[int] = _OP_NO_RENEGOTIATION | SSL.OP_IGNORE_UNEXPECTED_EOF
+
 # At most this much plaintext is read for the application in one readiness callback.
 _READ_CAP: Final = 256 * 1024
 _READ_CAP_RECORDS: Final = _READ_CAP // _RECORD
@@ -152,8 +158,7 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
 
         ssl = SSL.Connection(ssl_context, sock)
         ssl.set_accept_state()
-        if _OP_NO_RENEGOTIATION:
-            ssl.set_options(_OP_NO_RENEGOTIATION)
+        ssl.set_options(_OPTIONS)
         self._ssl = ssl
         _tls._live[id(ssl)] = self
 
@@ -362,13 +367,14 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
             self._want_read(False)
             self._want_write(True)
             return
-        except SSL.SysCallError as exc:
+        except SSL.ZeroReturnError:  # EOF (OP_IGNORE_UNEXPECTED_EOF)
             self._fatal_error(
-                ConnectionResetError("the peer closed the connection during the TLS handshake")
-                if _is_eof(exc)
-                else _os_error(exc),
+                ConnectionResetError("the peer closed the connection during the TLS handshake"),
                 "TLS handshake failed",
             )
+            return
+        except SSL.SysCallError as exc:
+            self._fatal_error(_os_error(exc), "TLS handshake failed")
             return
         except Exception as exc:
             # SSL.Error: the peer's fault. Anything else: a context callback (SNI, ALPN, OCSP)
@@ -516,6 +522,9 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         logger.debug("%r: the peer closed TCP without a TLS close_notify", self)
         self._call_eof_received()  # the app may close() here: its close_notify goes out then
         if self._state is TLSState.WRAPPED:
+            if self._write_queue:  # TCP is half-closed: what the app wrote still goes out
+                self._start_shutdown()
+                return
             self._set_state(TLSState.CLOSED)
             self._close_socket()
 
