@@ -35,7 +35,7 @@ from cryptography.x509 import ocsp as x509_ocsp
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
-from staple import tls
+from staple import tls, tls_socket
 from staple.tls import AppState, TLSServerProtocol, TLSState, TLSTransport
 
 from .external import require
@@ -1277,6 +1277,38 @@ def test_illegal_state_transitions_raise(run: Run, pki: PKI, transport: str) -> 
         for state in TLSState:
             with pytest.raises(RuntimeError, match="cannot switch state"):
                 protocol._set_state(state)  # CLOSED is terminal
+
+    run(main())
+
+
+def test_illegal_state_transitions_raise_on_a_socket(run: Run, pki: PKI, transport: str) -> None:
+    if transport != "socket":
+        pytest.skip("the socket transport's own object")
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        seen: list[TLSState] = []
+        made = tls_socket.SocketTLSTransport(
+            asyncio.get_running_loop(),
+            ours,
+            server_context(pki),
+            App(),
+            on_connection=lambda t: seen.append(t.tls_state),
+        )
+        assert seen == [TLSState.UNWRAPPED]  # on_connection runs before the handshake
+        assert made.tls_state is TLSState.DO_HANDSHAKE  # waiting for a ClientHello
+        with pytest.raises(RuntimeError, match="cannot switch state"):
+            made._set_state(TLSState.SHUTDOWN)  # cannot shut down what never started
+        with pytest.raises(RuntimeError, match="cannot switch state"):
+            made._set_state(AppState.EOF)  # the app was never connected
+        made.abort()
+        assert made.tls_state is TLSState.CLOSED
+        for state in TLSState:
+            with pytest.raises(RuntimeError, match="cannot switch state"):
+                made._set_state(state)  # CLOSED is terminal
+        await yield_until(lambda: ours.fileno() == -1)  # closed by connection_lost's turn
+        theirs.close()
 
     run(main())
 
