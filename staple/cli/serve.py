@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from .. import tls
 from ..aiohttp import StaplingServer, StartError
 from ..handle import Event, ServerOcspResponse
 from ..policy import RefreshPolicy
@@ -114,6 +115,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "modern (TLS 1.3 only) (%(default)s)",
     )
     parser.add_argument(
+        "--transport",
+        choices=tls.TRANSPORTS,
+        default="memory",
+        help="TLS transport: memory BIOs under asyncio's TCP transport, or OpenSSL on the "
+        "socket itself (%(default)s)",
+    )
+    parser.add_argument(
         "--loop",
         choices=LOOPS,
         default="auto",
@@ -150,6 +158,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
         static=args.static,
         tls_profile=TLSProfile(args.tls_profile),
         proxy=proxy,
+        transport=args.transport,
     )
     return await serve(config, out=out)
 
@@ -177,6 +186,8 @@ class ServeConfig:
     """Mozilla's intermediate (TLS 1.2 and 1.3) or modern (TLS 1.3 only) settings."""
     proxy: ProxyOption = None
     """The responders' HTTP proxy (:mod:`staple.proxy`): a URL, ``False``, or the environment."""
+    transport: tls.TransportKind = "memory"
+    """The TLS transport: memory BIOs, or OpenSSL on the socket (see :mod:`staple.tls`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +260,7 @@ async def serve(
             responder_urls=[config.responder] if config.responder else None,
             access_log=None,
             tls_profile=config.tls_profile,
+            transport=config.transport,
         )
 
         def on_start(server: StaplingServer) -> None:
