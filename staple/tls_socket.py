@@ -100,6 +100,11 @@ _SERVER_ARG: Final[Callable[[object], tuple[object, ...]]] = (
 # in TCP and never shows it to OpenSSL.)
 _OPTIONS: Final[int] = _OP_NO_RENEGOTIATION | SSL.OP_IGNORE_UNEXPECTED_EOF
 
+# OpenSSL sends each 16 KiB record with its own send(): a write of several records is corked
+# (Linux) so that it leaves as one. Measured on 50 MB downloads, server CPU per MB: 1.09x the
+# memory-BIO transport's uncorked, 1.04x corked.
+_CORK: Final[int] = getattr(socket, "TCP_CORK", 0)
+
 # At most this much plaintext is read for the application in one readiness callback.
 _READ_CAP: Final = 256 * 1024
 _READ_CAP_RECORDS: Final = _READ_CAP // _RECORD
@@ -586,6 +591,10 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
             self._maybe_pause_protocol()
             return
         view = memoryview(data).cast("B")
+        sock = self._sock
+        corked = bool(_CORK) and len(view) > _RECORD and sock is not None
+        if corked and sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, _CORK, 1)
         try:
             sent = self._send_view(view)
         except SSL.SysCallError as exc:
@@ -594,6 +603,9 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         except SSL.Error as exc:
             self._fatal_error(exc, "TLS error on write")
             return
+        finally:
+            if corked and sock is not None and sock.fileno() != -1:
+                sock.setsockopt(socket.IPPROTO_TCP, _CORK, 0)
         if sent < len(view):
             # The socket is full. OpenSSL holds the record it could not send whole and wants
             # the same bytes again (moving buffers are allowed): queue them from there.
