@@ -11,6 +11,22 @@ Public surface::
     server = await staple.tls.start_server(client_connected_cb, host, port, ssl_context=ctx)
     factory = staple.tls.server_protocol_factory(app_factory, ctx, on_connection=track)
     staple.tls.call_when_closed(conn, callback)   # for the OCSP stapler
+    server = await staple.tls.create_server(factory, host, port, ssl_context=ctx,
+                                            transport="socket")   # OpenSSL on the socket
+
+Two transports
+--------------
+``transport="memory"`` (the default) is this module's: memory BIOs under asyncio's own TCP
+transport. ``transport="socket"`` is :mod:`staple.tls_socket`: OpenSSL reads and writes each
+accepted socket itself, and the server accepts connections itself, so no asyncio transport is
+made. Both keep the same guarantees (the test suites run on both). Measured against each other
+(``bench``): the socket transport executes 1-10 % fewer instructions per full handshake
+(10 % with ECDSA on asyncio's loop, 2-5 % on uvloop or with RSA), and uploads cost the same;
+but OpenSSL sends every 16 KiB record with its own ``send()``, so downloads cost more CPU per
+MB (1.04x corked, in process; more through the bench's separate client). Hence the default.
+Only the memory transport can serve where the loop creates the connection and hands a protocol
+factory its transport: ``server_protocol_factory`` with ``loop.create_server``, and uvicorn
+(:mod:`staple.uvicorn` subclasses :class:`TLSServerProtocol`).
 
 Theory of operation
 -------------------
