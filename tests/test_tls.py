@@ -1329,6 +1329,36 @@ def test_unclosed_transport_warns(run: Run, pki: PKI, transport: str) -> None:
     run(main())
 
 
+class Abandoning(App):
+    """Stops reading at once and keeps its transport only in ``held``."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        self.made.set_result(None)  # type: ignore[arg-type]
+        self.held = [transport]
+
+
+def test_unclosed_socket_transport_warns(run: Run, pki: PKI, transport: str) -> None:
+    if transport != "socket":
+        pytest.skip("the socket transport's own object")
+
+    async def main() -> None:
+        apps, factory = collecting(lambda: Abandoning(echo=False))
+        async with serving(factory, server_context(pki)) as port:
+            client = await BioClient.open(port, bio_client_context(pki))
+            await client.handshake()
+            await apps[0].made
+            await asyncio.sleep(0)  # nothing of the loop's holds it any more
+            with pytest.warns(ResourceWarning, match="unclosed transport"):
+                drop(apps[0].held)  # its socket is closed with it
+            apps.clear()
+            await read_to_eof(client.reader)  # ends (after the session tickets): closed
+            client.writer.close()
+
+    run(main())
+
+
 def test_on_connection_sees_handshaking_connections(run: Run, pki: PKI) -> None:
     async def main() -> None:
         transports: weakref.WeakSet[TLSTransport] = weakref.WeakSet()
