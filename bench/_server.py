@@ -6,6 +6,7 @@ The same aiohttp app behind either TLS stack:
   ``"staple": "path.der"`` a :class:`~staple.Stapler` holds that (pre-signed) response, loaded
   from a pre-filled :class:`~staple.MemoryStore` exactly as after a restart, and staples it; with
   ``null`` no OCSP callback is installed (stapling off).
+  ``"transport"`` is the site's TLS transport, ``"memory"`` (the default) or ``"socket"``.
 - ``"stdlib"``: aiohttp's ``TCPSite`` with an ``ssl.SSLContext`` (which cannot staple).
 
 Routes: ``GET /`` a two-byte body; ``GET /download?bytes=N`` N bytes in 64 KiB writes;
@@ -121,7 +122,9 @@ async def serve(config: dict[str, Any]) -> dict[str, Any]:
             ctx = build_server_context([(config["chain"], config["key"])], stapler)
         else:
             ctx = plain_context(config["chain"], config["key"])
-        site = StaplingSite(runner, host, 0, ssl_context=ctx)
+        site = StaplingSite(
+            runner, host, 0, ssl_context=ctx, transport=config.get("transport", "memory")
+        )
         await site.start()
         port = site.port
     else:

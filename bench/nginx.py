@@ -146,10 +146,14 @@ class Nginx:
 class StapleServe:
     """``python -m staple serve`` (the CLI, unmodified) on a free port."""
 
-    def __init__(self, directory: Path, m: Material, www: Path, responder: str):
+    def __init__(
+        self, directory: Path, m: Material, www: Path, responder: str, transport: str = "memory"
+    ):
         self.port = free_port()
         self.args = [
             "serve",
+            "--transport",
+            transport,
             "--cert",
             str(m.chain),
             "--key",
@@ -251,8 +255,13 @@ async def run(bench: Bench) -> Section:
                 async with (
                     Nginx(binary, d / "nginx", m, www, url) as nginx,
                     StapleServe(d / "staple", m, www, url) as serve,
+                    StapleServe(d / "staple-socket", m, www, url, "socket") as socket_serve,
                 ):
-                    by_name: dict[str, Any] = {"staple serve": serve, "nginx": nginx}
+                    by_name: dict[str, Any] = {
+                        "staple serve": serve,
+                        "nginx": nginx,
+                        "staple serve --transport socket": socket_serve,
+                    }
                     for target in by_name.values():  # warm up; nginx fetches its staple
                         await handshake_run(
                             target, seconds=0.5, procs=3, tls=tls_version, path=PATH
@@ -282,7 +291,15 @@ async def _first_handshakes(
 
 
 def _rows(section: Section, label: str, results: dict[str, list[HandshakeRun]]) -> None:
-    ours, theirs = results["staple serve"], results["nginx"]
+    for variant in ("staple serve", "staple serve --transport socket"):
+        _variant_rows(section, label, variant, results)
+    section.raw[label] = {name: [r.as_json() for r in runs] for name, runs in results.items()}
+
+
+def _variant_rows(
+    section: Section, label: str, variant: str, results: dict[str, list[HandshakeRun]]
+) -> None:
+    ours, theirs = results[variant], results["nginx"]
     rate = Ratio.of([r.rate for r in ours], [r.rate for r in theirs])
     cpu = Ratio.of([r.cpu_us for r in ours], [r.cpu_us for r in theirs])
     stapled = {
@@ -294,7 +311,7 @@ def _rows(section: Section, label: str, results: dict[str, list[HandshakeRun]]) 
     section.rows.append(
         Row(
             "nginx",
-            f"handshakes/s staple serve÷nginx — {label}",
+            f"handshakes/s {variant}÷nginx — {label}",
             f"{rate}  [{o_rate:,.0f} vs {t_rate:,.0f}/s; busy {o_busy:.2f} vs {t_busy:.2f} cores]",
             f"≥ {TARGET:.1f}×",
             round(rate.median, 2) >= TARGET,
@@ -305,7 +322,7 @@ def _rows(section: Section, label: str, results: dict[str, list[HandshakeRun]]) 
     section.rows.append(
         Row(
             "nginx",
-            f"server CPU/handshake staple serve÷nginx — {label}",
+            f"server CPU/handshake {variant}÷nginx — {label}",
             f"{cpu}  [{o_us:,.0f} vs {t_us:,.0f} µs → one core: {1e6 / o_us:,.0f} vs "
             f"{1e6 / t_us:,.0f}/s]",
             "",
@@ -313,4 +330,3 @@ def _rows(section: Section, label: str, results: dict[str, list[HandshakeRun]]) 
             {"ratio": cpu.__dict__},
         )
     )
-    section.raw[label] = {name: [r.as_json() for r in runs] for name, runs in results.items()}

@@ -265,8 +265,9 @@ async def run_soak(
     backdate: timedelta = timedelta(seconds=5),
     seed: int | None = None,
     progress: Callable[[str], None] | None = None,
+    transport: tls.TransportKind = "memory",
 ) -> Report:
-    """Run the soak for ``seconds`` and return its report.
+    """Run the soak for ``seconds`` and return its report (on the given TLS transport).
 
     ``backdate`` is how old responses are when the responder signs them (their validity is one
     minute): 5 s is the realistic default; the CI test uses 40 s, so every response has only
@@ -301,7 +302,9 @@ async def run_soak(
             ctx = build_server_context(
                 [(lf.chain_pem, lf.key_pem) for lf in leaves.values()], stapler
             )
-            server = await tls.create_server(Echo, HOST, 0, ssl_context=ctx, handshake_timeout=10.0)
+            server = await tls.create_server(
+                Echo, HOST, 0, ssl_context=ctx, handshake_timeout=10.0, transport=transport
+            )
             port = server.sockets[0].getsockname()[1]
             tally = Tally()
             stop = threading.Event()
@@ -372,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backdate", type=float, default=5.0, help="age of responses when signed, s (5)"
     )
+    parser.add_argument(
+        "--transport", choices=tls.TRANSPORTS, default="memory", help="TLS transport (memory)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     args = parser.parse_args(argv)
     report = asyncio.run(
@@ -381,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             backdate=timedelta(seconds=args.backdate),
             seed=args.seed,
             progress=lambda line: print(line, flush=True),
+            transport=args.transport,
         )
     )
     for line in report.lines():

@@ -81,6 +81,9 @@ class StaplingSite(web.BaseSite):
     Connections still in the TLS handshake are invisible to aiohttp's shutdown; the site
     tracks them and aborts them on :meth:`stop`. With ``sock``, it serves on that socket (bound
     already, as aiohttp's ``SockSite`` takes it) instead of ``host`` and ``port``.
+
+    ``transport`` chooses the TLS transport (see :func:`staple.tls.create_server`): ``"memory"``
+    (memory BIOs under asyncio's TCP transport) or ``"socket"`` (OpenSSL on the socket itself).
     """
 
     __slots__ = (
@@ -95,6 +98,7 @@ class StaplingSite(web.BaseSite):
         "_stopping",
         "_tls_context",
         "_tls_shutdown_timeout",
+        "_transport_kind",
         "_transports",
     )
 
@@ -112,6 +116,7 @@ class StaplingSite(web.BaseSite):
         handshake_timeout: float = tls.DEFAULT_HANDSHAKE_TIMEOUT,
         tls_shutdown_timeout: float = tls.DEFAULT_SHUTDOWN_TIMEOUT,
         max_handshakes: int | None = None,
+        transport: tls.TransportKind = "memory",
     ) -> None:
         if not isinstance(ssl_context, SSL.Context):
             raise TypeError(
@@ -131,7 +136,8 @@ class StaplingSite(web.BaseSite):
         self._handshake_timeout = handshake_timeout
         self._tls_shutdown_timeout = tls_shutdown_timeout
         self._max_handshakes = max_handshakes
-        self._transports: weakref.WeakSet[tls.TLSTransport] = weakref.WeakSet()
+        self._transport_kind = tls._check_transport(transport)
+        self._transports: weakref.WeakSet[Any] = weakref.WeakSet()
         self._stopping = False
 
     @property
@@ -155,6 +161,25 @@ class StaplingSite(web.BaseSite):
         await super().start()
         server = self._runner.server
         assert server is not None
+        if self._transport_kind == "socket":
+            self._server = await tls.create_server(
+                server,
+                self._host,
+                None if self._sock is not None else self._port,
+                ssl_context=self._tls_context,
+                handshake_timeout=self._handshake_timeout,
+                shutdown_timeout=self._tls_shutdown_timeout,
+                on_connection=self._on_connection,
+                max_handshakes=self._max_handshakes,
+                transport="socket",
+                sock=self._sock,
+                backlog=self._backlog,
+                reuse_address=self._reuse_address,
+                reuse_port=self._reuse_port,
+            )
+            if self._server.sockets:
+                self._bound_port = self._server.sockets[0].getsockname()[1]
+            return
         factory = tls.server_protocol_factory(
             server,
             self._tls_context,
@@ -178,7 +203,7 @@ class StaplingSite(web.BaseSite):
         if self._server.sockets:
             self._bound_port = self._server.sockets[0].getsockname()[1]
 
-    def _on_connection(self, transport: tls.TLSTransport) -> None:
+    def _on_connection(self, transport: Any) -> None:
         if self._stopping:  # accepted just before stop(), connected just after: refuse it
             transport.abort()
             return
@@ -288,6 +313,7 @@ class StaplingServer:
         max_handshakes: int | None = MAX_HANDSHAKES,
         tls_profile: TLSProfile | str = TLSProfile.INTERMEDIATE,
         context_factory: Callable[[], SSL.Context] | None = None,
+        transport: tls.TransportKind = "memory",
         **runner_options: Any,
     ) -> None:
         _refuse_unknown("StaplingServer()", runner_options, _RUNNER_OPTIONS)
@@ -318,6 +344,7 @@ class StaplingServer:
             "handshake_timeout": handshake_timeout,
             "tls_shutdown_timeout": tls_shutdown_timeout,
             "max_handshakes": max_handshakes,
+            "transport": tls._check_transport(transport),
         }
         self._runner_options = runner_options
         self.runner: web.AppRunner | None = None

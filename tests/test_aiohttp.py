@@ -20,7 +20,7 @@ import socket
 import ssl
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +45,21 @@ from staple.testing import Leaf, OcspResponder, TestPKI
 from .external import require
 
 HOST = "127.0.0.1"
+# The TLS transport of the sites under test, set for each test by the ``transport`` fixture.
+TRANSPORT: staple.tls.TransportKind = "memory"
+
+
+@pytest.fixture(params=staple.tls.TRANSPORTS, autouse=True)
+def transport(request: pytest.FixtureRequest) -> Iterator[staple.tls.TransportKind]:
+    """Every site runs on both TLS transports: memory BIOs, and OpenSSL on the socket."""
+    global TRANSPORT
+    TRANSPORT = request.param
+    try:
+        yield request.param
+    finally:
+        TRANSPORT = "memory"
+
+
 # test_many_handshakes: 10,000 takes about 10 s on two idle cores (up to ~25 s under load).
 HANDSHAKES = int(os.environ.get("STAPLE_HANDSHAKES", "10000"))
 
@@ -97,6 +112,7 @@ async def serve(
     runner = web.AppRunner(app)
     await runner.setup()
     try:
+        site_options.setdefault("transport", TRANSPORT)
         site = StaplingSite(runner, HOST, 0, ssl_context=ctx, **site_options)
         await site.start()
         yield site
@@ -339,7 +355,7 @@ async def test_shutdown_aborts_a_connection_stuck_in_the_handshake(
 ) -> None:
     runner = web.AppRunner(hello_app())
     await runner.setup()
-    site = StaplingSite(runner, HOST, 0, ssl_context=server_ctx)
+    site = StaplingSite(runner, HOST, 0, ssl_context=server_ctx, transport=TRANSPORT)
     await site.start()
     reader, writer = await asyncio.open_connection(HOST, site.port)  # says nothing
     try:
@@ -396,7 +412,7 @@ async def test_setup_attaches_the_stapler_and_cleanup_closes_it(
     ctx = build_server_context([(leaf.chain_pem, leaf.key_pem)], stapler)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = StaplingSite(runner, HOST, 0, ssl_context=ctx)
+    site = StaplingSite(runner, HOST, 0, ssl_context=ctx, transport=TRANSPORT)
     await site.start()
     async with (
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl)) as session,
@@ -831,7 +847,11 @@ async def test_server_on_a_bound_socket(pki: TestPKI, leaf: Leaf) -> None:
         port = sock.getsockname()[1]
         stapler = Stapler()
         async with StaplingServer(
-            hello_app(), certs=[(leaf.chain_pem, leaf.key_pem)], stapler=stapler, sock=sock
+            hello_app(),
+            certs=[(leaf.chain_pem, leaf.key_pem)],
+            stapler=stapler,
+            sock=sock,
+            transport=TRANSPORT,
         ) as server:
             assert [site.name for site in server.sites] == [f"https://{HOST}:{port}"]
             assert server.sites[0].max_handshakes == MAX_HANDSHAKES

@@ -20,7 +20,7 @@ import gc
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,7 +30,7 @@ from aiohttp import web
 from OpenSSL import SSL
 
 import staple
-from staple import tls
+from staple import tls, tls_socket
 from staple.aiohttp import StaplingSite
 from staple.stapler import Stapler
 from staple.testing import Leaf, OcspResponder, TestPKI
@@ -121,13 +121,28 @@ class World:
     apps: list[TinyHttp] = field(default_factory=list)
     site: StaplingSite | None = None
 
-    def transports(self) -> list[tls.TLSTransport]:
+    def transports(self) -> list[Any]:
         """The TLS transports of connections whose handshake completed, still open."""
         if self.site is not None:
             found = list(self.site._transports)
         else:
             found = [a.transport for a in self.apps if a.transport is not None]
         return [t for t in found if t.tls_state is not tls.TLSState.CLOSED]
+
+
+# The TLS transport under test, set for each test by the autouse ``transport`` fixture.
+TRANSPORT: tls.TransportKind = "memory"
+
+
+@pytest.fixture(params=tls.TRANSPORTS, autouse=True)
+def transport(request: pytest.FixtureRequest) -> Iterator[tls.TransportKind]:
+    """Every test runs on both TLS transports: memory BIOs, and OpenSSL on the socket."""
+    global TRANSPORT
+    TRANSPORT = request.param
+    try:
+        yield request.param
+    finally:
+        TRANSPORT = "memory"
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +166,7 @@ async def running(kind: str, pki: TestPKI, **options: Any) -> AsyncIterator[Worl
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _, context: errors.append(context))
     options.setdefault("handshake_timeout", HANDSHAKE_TIMEOUT)
+    options.setdefault("transport", TRANSPORT)
     try:
         async with OcspResponder(pki) as responder, Stapler(fetch_timeout=5.0) as stapler:
             leaf = pki.issue_leaf("hostile.test", ocsp_url=responder.url)
@@ -399,13 +415,22 @@ async def test_client_hello_one_byte_at_a_time(
     pki: TestPKI, kind: str, version: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reads: list[int] = []
-    buffer_updated = tls.TLSServerProtocol.buffer_updated
+    if TRANSPORT == "memory":
+        buffer_updated = tls.TLSServerProtocol.buffer_updated
 
-    def counting(self: tls.TLSServerProtocol, nbytes: int) -> None:
-        reads.append(nbytes)
-        buffer_updated(self, nbytes)
+        def counting(self: tls.TLSServerProtocol, nbytes: int) -> None:
+            reads.append(nbytes)
+            buffer_updated(self, nbytes)
 
-    monkeypatch.setattr(tls.TLSServerProtocol, "buffer_updated", counting)
+        monkeypatch.setattr(tls.TLSServerProtocol, "buffer_updated", counting)
+    else:  # OpenSSL reads the socket itself: count the handshake steps, one per byte
+        do_handshake = tls_socket.SocketTLSTransport._do_handshake
+
+        def stepping(self: tls_socket.SocketTLSTransport) -> None:
+            reads.append(1)
+            do_handshake(self)
+
+        monkeypatch.setattr(tls_socket.SocketTLSTransport, "_do_handshake", stepping)
     async with running(kind, pki, handshake_timeout=30.0) as world:
         client = await Client.open(world, version=version)
         hello = client.client_hello()

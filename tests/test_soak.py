@@ -16,14 +16,18 @@ from datetime import timedelta
 import pytest
 
 from bench.soak import run_soak
+from staple import tls
 
 pytestmark = pytest.mark.slow
 
 SOAK_SECONDS = float(os.environ.get("STAPLE_SOAK_SECONDS", "20"))
 
 
-async def test_soak_never_serves_an_invalid_or_expired_staple() -> None:
-    report = await run_soak(SOAK_SECONDS, clients=4, backdate=timedelta(seconds=40))
+@pytest.mark.parametrize("transport", tls.TRANSPORTS)
+async def test_soak_never_serves_an_invalid_or_expired_staple(transport: tls.TransportKind) -> None:
+    report = await run_soak(
+        SOAK_SECONDS, clients=4, backdate=timedelta(seconds=40), transport=transport
+    )
     print("\n" + "\n".join(report.lines()))
     assert report.invalid == 0, report.invalid_reasons
     assert report.expired == 0, report.invalid_reasons

@@ -35,7 +35,7 @@ from cryptography.x509 import ocsp as x509_ocsp
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
-from staple import tls
+from staple import tls, tls_socket
 from staple.tls import AppState, TLSServerProtocol, TLSState, TLSTransport
 
 from .external import require
@@ -46,6 +46,25 @@ with contextlib.suppress(ImportError):  # optional: these tests also run on uvlo
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
+# The transport under test, set for each test by the autouse ``transport`` fixture.
+TRANSPORT: tls.TransportKind = "memory"
+
+
+@pytest.fixture(params=tls.TRANSPORTS, autouse=True)
+def transport(request: pytest.FixtureRequest) -> Iterator[tls.TransportKind]:
+    """Every test runs on both TLS transports: memory BIOs, and OpenSSL on the socket."""
+    global TRANSPORT
+    TRANSPORT = request.param
+    try:
+        yield request.param
+    finally:
+        TRANSPORT = "memory"
+
+
+def memory_only(transport: str) -> None:
+    """Skip a test about the memory-BIO transport's own objects on the socket transport."""
+    if transport != "memory":
+        pytest.skip("about TLSServerProtocol/TLSTransport, the memory-BIO transport's objects")
 
 
 # -- certificates ----------------------------------------------------------------------------
@@ -305,7 +324,9 @@ def collecting(make: Callable[[], T]) -> tuple[list[T], Callable[[], T]]:
 async def serving(
     factory: Callable[[], asyncio.BaseProtocol], ctx: SSL.Context, **kwargs: Any
 ) -> AsyncIterator[int]:
-    server = await tls.create_server(factory, HOST, 0, ssl_context=ctx, **kwargs)
+    server = await tls.create_server(
+        factory, HOST, 0, ssl_context=ctx, transport=TRANSPORT, **kwargs
+    )
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
@@ -452,7 +473,7 @@ def drop(objects: list[Any]) -> None:
     gc.collect()
 
 
-def tls_state(transport: TLSTransport) -> TLSState:
+def tls_state(transport: TLSTransport | tls_socket.SocketTLSTransport) -> TLSState:
     return transport.tls_state
 
 
@@ -614,7 +635,9 @@ def test_start_server_streams(run: Run, pki: PKI) -> None:
             await writer.wait_closed()
             finished.set_result(None)
 
-        server = await tls.start_server(handle, HOST, 0, ssl_context=server_context(pki))
+        server = await tls.start_server(
+            handle, HOST, 0, ssl_context=server_context(pki), transport=TRANSPORT
+        )
         port = server.sockets[0].getsockname()[1]
         reader, writer = await stdlib_connect(port, client_context(pki))
         writer.write(b"hello streams\n")
@@ -925,6 +948,33 @@ def test_eof_without_close_notify(run: Run, pki: PKI) -> None:
     run(main())
 
 
+class AnswerAtEof(App):
+    """Answers, at the peer's EOF, with more than a socket buffer holds."""
+
+    ANSWER = payload(4 * 1024 * 1024, seed=7)
+
+    def eof_received(self) -> None:
+        super().eof_received()
+        self.transport.write(self.ANSWER)
+
+
+def test_half_closed_peer_still_gets_the_answer(run: Run, pki: PKI) -> None:
+    async def main() -> None:
+        apps, factory = collecting(lambda: AnswerAtEof(echo=False))
+        async with serving(factory, server_context(pki)) as port:
+            client = await BioClient.open(port, bio_client_context(pki))
+            await client.handshake()
+            client.send(b"question")
+            client.writer.write_eof()  # TCP FIN, no close_notify: half-closed
+            answer = await client.recv_exactly(len(AnswerAtEof.ANSWER))
+            assert answer == AnswerAtEof.ANSWER
+            client.writer.close()
+            await apps[0].lost
+            assert "eof" in apps[0].events and apps[0].events[-1] == "lost"
+
+    run(main())
+
+
 class TrickleReader(asyncio.BufferedProtocol):
     """Takes 10 bytes at a time, pausing reading after each and resuming from a callback."""
 
@@ -1210,7 +1260,9 @@ def test_a_raising_handshake_callback_fails_that_handshake(run: Run, pki: PKI) -
 # -- lifecycle and hooks ---------------------------------------------------------------------
 
 
-def test_illegal_state_transitions_raise(run: Run, pki: PKI) -> None:
+def test_illegal_state_transitions_raise(run: Run, pki: PKI, transport: str) -> None:
+    memory_only(transport)
+
     async def main() -> None:
         protocol = TLSServerProtocol(App(), server_context(pki))
         assert protocol._state is TLSState.UNWRAPPED
@@ -1229,7 +1281,41 @@ def test_illegal_state_transitions_raise(run: Run, pki: PKI) -> None:
     run(main())
 
 
-def test_unclosed_transport_warns(run: Run, pki: PKI) -> None:
+def test_illegal_state_transitions_raise_on_a_socket(run: Run, pki: PKI, transport: str) -> None:
+    if transport != "socket":
+        pytest.skip("the socket transport's own object")
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        seen: list[TLSState] = []
+        made = tls_socket.SocketTLSTransport(
+            asyncio.get_running_loop(),
+            ours,
+            server_context(pki),
+            App(),
+            on_connection=lambda t: seen.append(t.tls_state),
+        )
+        assert seen == [TLSState.UNWRAPPED]  # on_connection runs before the handshake
+        assert made.tls_state is TLSState.DO_HANDSHAKE  # waiting for a ClientHello
+        with pytest.raises(RuntimeError, match="cannot switch state"):
+            made._set_state(TLSState.SHUTDOWN)  # cannot shut down what never started
+        with pytest.raises(RuntimeError, match="cannot switch state"):
+            made._set_state(AppState.EOF)  # the app was never connected
+        made.abort()
+        assert tls_state(made) is TLSState.CLOSED
+        for state in TLSState:
+            with pytest.raises(RuntimeError, match="cannot switch state"):
+                made._set_state(state)  # CLOSED is terminal
+        await yield_until(lambda: ours.fileno() == -1)  # closed by connection_lost's turn
+        theirs.close()
+
+    run(main())
+
+
+def test_unclosed_transport_warns(run: Run, pki: PKI, transport: str) -> None:
+    memory_only(transport)
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         held = [TLSTransport(loop, TLSServerProtocol(App(), server_context(pki)))]
@@ -1243,15 +1329,48 @@ def test_unclosed_transport_warns(run: Run, pki: PKI) -> None:
     run(main())
 
 
+class Abandoning(App):
+    """Stops reading at once and keeps its transport only in ``held``."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        self.made.set_result(None)  # type: ignore[arg-type]
+        self.held = [transport]
+
+
+def test_unclosed_socket_transport_warns(run: Run, pki: PKI, transport: str) -> None:
+    if transport != "socket":
+        pytest.skip("the socket transport's own object")
+
+    async def main() -> None:
+        apps, factory = collecting(lambda: Abandoning(echo=False))
+        async with serving(factory, server_context(pki)) as port:
+            client = await BioClient.open(port, bio_client_context(pki))
+            await client.handshake()
+            await apps[0].made
+            await asyncio.sleep(0)  # nothing of the loop's holds it any more
+            with pytest.warns(ResourceWarning, match="unclosed transport"):
+                drop(apps[0].held)  # its socket is closed with it
+            apps.clear()
+            await read_to_eof(client.reader)  # ends (after the session tickets): closed
+            client.writer.close()
+
+    run(main())
+
+
 def test_on_connection_sees_handshaking_connections(run: Run, pki: PKI) -> None:
     async def main() -> None:
-        loop = asyncio.get_running_loop()
         transports: weakref.WeakSet[TLSTransport] = weakref.WeakSet()
         apps, app_factory = collecting(App)
-        factory = tls.server_protocol_factory(
-            app_factory, server_context(pki), on_connection=transports.add
+        server = await tls.create_server(
+            app_factory,
+            HOST,
+            0,
+            ssl_context=server_context(pki),
+            on_connection=transports.add,
+            transport=TRANSPORT,
         )
-        server = await loop.create_server(factory, HOST, 0)
         port = server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection(HOST, port)  # no ClientHello
         await yield_until(lambda: len(transports) == 1)
@@ -1384,8 +1503,9 @@ def test_aiohttp_app_with_file_response(run: Run, pki: PKI, tmp_path: Path) -> N
         runner = web.AppRunner(app)
         await runner.setup()
         assert runner.server is not None
-        factory = tls.server_protocol_factory(runner.server, server_context(pki))
-        server = await asyncio.get_running_loop().create_server(factory, HOST, 0)
+        server = await tls.create_server(
+            runner.server, HOST, 0, ssl_context=server_context(pki), transport=TRANSPORT
+        )
         port = server.sockets[0].getsockname()[1]
         try:
             async with ClientSession() as session:

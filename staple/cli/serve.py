@@ -54,6 +54,7 @@ from typing import Any, TextIO
 
 from aiohttp import web
 
+from .. import tls
 from ..aiohttp import StaplingServer, StartError, _stop_on_signals
 from ..app_loader import AppError, AppKind, FoundApp, MadeApp, find_app, make_app
 from ..handle import Event, ServerOcspResponse
@@ -164,6 +165,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "its own (needs ocsp-staple[metrics]; one process: not with --workers)",
     )
     parser.add_argument(
+        "--transport",
+        choices=tls.TRANSPORTS,
+        default="memory",
+        help="TLS transport: memory BIOs under asyncio's TCP transport, or OpenSSL on the "
+        "socket itself (%(default)s; aiohttp apps and the status page)",
+    )
+    parser.add_argument(
         "--loop",
         choices=LOOPS,
         default="auto",
@@ -218,6 +226,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> int:
         proxy=proxy,
         app=args.app,
         metrics=metrics_at,
+        transport=args.transport,
     )
     if args.workers > 1:
         # Blocks this loop until the workers have stopped: the parent only supervises.
@@ -253,6 +262,8 @@ class ServeConfig:
     ``None`` serves the status page."""
     metrics: tuple[str, int] | None = None
     """``(host, port)`` of a plain-HTTP ``/metrics`` listener (:mod:`staple.metrics`)."""
+    transport: tls.TransportKind = "memory"
+    """The TLS transport: memory BIOs, or OpenSSL on the socket (see :mod:`staple.tls`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +328,11 @@ async def serve(
             return run.cannot_start(f"--app {config.app}: the factory raised {exc!r}", exc)
         if made.kind is AppKind.ASGI:
             problem = _asgi_problem(config.app)
+            if problem is None and config.transport != "memory":
+                problem = (
+                    f"--transport {config.transport}: ASGI apps run on uvicorn's protocol, "
+                    "which staple wraps in the memory transport; leave --transport out"
+                )
             if problem is not None:
                 return run.cannot_start(problem)
     if config.metrics is not None:
@@ -446,6 +462,7 @@ async def _serve_aiohttp(
         responder_urls=[config.responder] if config.responder else None,
         access_log=None,
         tls_profile=config.tls_profile,
+        transport=config.transport,
         **where,
     )
 
