@@ -116,7 +116,9 @@ class StaplerCollector(Collector):
             ),
             CounterMetricFamily(
                 "staple_handshakes",
-                "Handshakes that asked for a staple, by outcome.",
+                "Handshakes by outcome: stapled, no_staple (asked, none held), refused (asked, "
+                "none held, must-staple policy), not_requested (did not ask; counted on "
+                "staple's own TLS transports).",
                 labels=["outcome"],
             ),
         ]
@@ -167,6 +169,7 @@ class StaplerCollector(Collector):
         handshakes = families["staple_handshakes"]
         handshakes.add_metric(["stapled"], s.stapled)
         handshakes.add_metric(["no_staple"], s.unstapled - s.refused)
+        handshakes.add_metric(["not_requested"], s.not_requested)
         handshakes.add_metric(["refused"], s.refused)
 
     def _fetch_families(self) -> Iterator[Metric]:

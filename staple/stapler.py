@@ -32,7 +32,7 @@ from .policy import RefreshPolicy
 from .proxy import ProxyOption, ProxySettings
 from .stats import FetchStats
 from .store import MemoryStore, Store
-from .tls import call_when_closed
+from .tls import call_when_closed, count_handshakes, note_status_request
 
 __all__ = ["MustStaple", "StapleRefused", "Stapler"]
 
@@ -111,6 +111,9 @@ class Stapler:
         self.stapled = 0
         self.unstapled = 0
         self.refused = 0
+        self.not_requested = 0
+        """Handshakes completed by staple's transports whose client did not ask for a staple
+        (OpenSSL never shows those to the OCSP callback; other TLS stacks are not counted)."""
         self.callback_errors = 0
         # Log throttling reads the injected clock (tests), else the monotonic one.
         self._time: Callable[[], float] = clock.time if clock is not None else time.monotonic
@@ -197,6 +200,7 @@ class Stapler:
                 "the stdlib ssl module cannot staple"
             )
         ssl_context.set_ocsp_server_callback(self._callback)
+        count_handshakes(ssl_context, self._handshake_completed)
 
     def handle_for(self, serial_number: int) -> ServerOcspResponse | None:
         found = self._by_serial.get(serial_number)
@@ -237,6 +241,7 @@ class Stapler:
 
     def _callback(self, conn: SSL.Connection, data: object) -> bytes:
         try:
+            note_status_request(conn)  # for staple_handshakes_total{outcome="not_requested"}
             cert = conn.get_certificate()
             if cert is None:
                 return self._problem("the connection has no certificate selected")
@@ -284,6 +289,10 @@ class Stapler:
                 self.refused,
             )
         return refusal
+
+    def _handshake_completed(self, asked: bool) -> None:
+        if not asked:
+            self.not_requested += 1
 
     @staticmethod
     def _pick(found: Sequence[ServerOcspResponse], cert: Any) -> ServerOcspResponse:

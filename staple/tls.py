@@ -254,6 +254,35 @@ def call_when_closed(conn: SSL.Connection, callback: Callable[[], None]) -> bool
     return True
 
 
+def note_status_request(conn: SSL.Connection) -> None:
+    """Mark ``conn`` (one of our transports' connections) as having asked for a staple: the
+    OCSP callback calls this, so that :func:`count_handshakes` can tell who did not ask.
+    Connections we did not make are ignored. Cheap: one dictionary lookup."""
+    protocol = _live.get(id(conn))
+    if protocol is not None and protocol._ssl is conn:
+        protocol._status_requested = True
+
+
+_handshake_counters: weakref.WeakKeyDictionary[SSL.Context, Callable[[bool], None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def count_handshakes(ctx: SSL.Context, counter: Callable[[bool], None]) -> None:
+    """Call ``counter(asked)`` each time one of our transports completes a handshake on
+    ``ctx`` (the context the connection ended up on, after any SNI switch): ``asked`` is
+    whether the client asked for a staple (:func:`note_status_request`). The
+    :class:`~staple.Stapler` counts clients that did not ask this way, which OpenSSL never
+    shows its OCSP callback."""
+    _handshake_counters[ctx] = counter
+
+
+def _handshake_counted(ssl: SSL.Connection, asked: bool) -> None:
+    counter = _handshake_counters.get(ssl.get_context())
+    if counter is not None:
+        counter(asked)
+
+
 class TLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transport):
     """The application's side of a TLS connection: a complete :class:`asyncio.Transport`.
 
@@ -424,6 +453,7 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
         self._shutdown_timeout_handle: asyncio.TimerHandle | None = None
         self._handshake_start_time = 0.0
         self._close_callbacks: list[Callable[[], None]] | None = None
+        self._status_requested = False  # the client asked for a staple (note_status_request)
         self._released = False
         self._close_notify_sent = False
         self._peer_eof = False  # TCP EOF seen while the app had paused reading
@@ -658,6 +688,7 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
             self._fatal_error(handshake_exc, "TLS handshake failed")
             return
         self._set_state(TLSState.WRAPPED)
+        _handshake_counted(self._ssl, self._status_requested)
         if self._loop.get_debug():
             dt = self._loop.time() - self._handshake_start_time
             logger.debug("%r: TLS handshake took %.1f ms", self, dt * 1e3)

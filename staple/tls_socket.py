@@ -180,6 +180,7 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         self._closed = False  # close() or abort() called, or the connection ended
         self._released = False
         self._close_callbacks: list[Callable[[], None]] | None = None
+        self._status_requested = False  # the client asked for a staple (note_status_request)
         self._close_exc: BaseException | None = None
         self._handshake_timeout_handle: asyncio.TimerHandle | None = None
         self._shutdown_timeout_handle: asyncio.TimerHandle | None = None
@@ -399,6 +400,7 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
             self._handshake_timeout_handle.cancel()
             self._handshake_timeout_handle = None
         self._set_state(TLSState.WRAPPED)
+        _tls._handshake_counted(self._ssl, self._status_requested)
         if _OP_NO_RENEGOTIATION and self._ssl.get_protocol_version() < SSL.TLS1_3_VERSION:
             self._ssl.set_info_callback(self._on_info)
         self._set_state(AppState.CON_MADE)

@@ -368,3 +368,42 @@ async def test_refusals_are_policy_not_errors(pki, responder, clock, caplog, ver
     assert "other.test" in warned[1]
     assert "must_staple=must_staple" in warned[0]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+class _Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+@pytest.mark.parametrize("transport", staple.tls.TRANSPORTS)
+async def test_handshakes_that_did_not_ask_are_counted(pki, responder, clock, transport) -> None:
+    """OpenSSL calls the OCSP callback only for clients that ask; staple's transports tell the
+    Stapler about the others when their handshake completes (not_requested)."""
+    leaf = pki.issue_leaf("count.test", ocsp_url=responder.url)
+    async with Stapler(clock=clock) as stapler:
+        await stapler.add(leaf.chain)
+        server = await staple.tls.create_server(
+            _Echo,
+            "127.0.0.1",
+            0,
+            ssl_context=server_context(stapler, leaf),
+            transport=transport,
+        )
+        port = server.sockets[0].getsockname()[1]
+        try:
+            for asked in (True, False, False, True, False):
+                ctx = _status_client(SSL.TLS1_3_VERSION)
+                client = await BioClient.open(port, ctx, request_ocsp=asked)
+                await client.handshake()
+                client.send(b"ping")  # answered: the server's handshake is complete
+                assert await client.recv() == b"ping"
+                client.writer.close()
+                await client.writer.wait_closed()
+        finally:
+            server.close()
+            await server.wait_closed()
+    assert (stapler.stapled, stapler.unstapled, stapler.not_requested) == (2, 0, 3)
