@@ -49,7 +49,14 @@ HOST = "127.0.0.1"
 TRANSPORT: staple.tls.TransportKind = "memory"
 
 
-@pytest.fixture(params=staple.tls.TRANSPORTS, autouse=True)
+# The opt-in socket transport runs with the slow tests; `make quick` keeps to the default.
+@pytest.fixture(
+    params=[
+        pytest.param(t, marks=pytest.mark.slow) if t != "memory" else t
+        for t in staple.tls.TRANSPORTS
+    ],
+    autouse=True,
+)
 def transport(request: pytest.FixtureRequest) -> Iterator[staple.tls.TransportKind]:
     """Every site runs on both TLS transports: memory BIOs, and OpenSSL on the socket."""
     global TRANSPORT

@@ -30,6 +30,8 @@ from staple.testing import Fault, OcspResponder, TestPKI
 
 from .server_process import CURL_BAD_STAPLE, HOST, ServerProcess, curl, files, server_process
 
+pytestmark = pytest.mark.slow
+
 LISTENING = r"^listening on https://127\.0\.0\.1:(\d+)$"
 WORKER_GOOD = r"^worker (\d+): .*stapling good"
 

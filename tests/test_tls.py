@@ -50,7 +50,13 @@ HOST = "127.0.0.1"
 TRANSPORT: tls.TransportKind = "memory"
 
 
-@pytest.fixture(params=tls.TRANSPORTS, autouse=True)
+# The opt-in socket transport runs with the slow tests; `make quick` keeps to the default.
+@pytest.fixture(
+    params=[
+        pytest.param(t, marks=pytest.mark.slow) if t != "memory" else t for t in tls.TRANSPORTS
+    ],
+    autouse=True,
+)
 def transport(request: pytest.FixtureRequest) -> Iterator[tls.TransportKind]:
     """Every test runs on both TLS transports: memory BIOs, and OpenSSL on the socket."""
     global TRANSPORT
