@@ -1,13 +1,18 @@
-"""Fixtures most tests share: a fake clock, a PKI lined up with it, and a local responder
-that signs with that clock. Modules that need the real clock define their own."""
+"""Fixtures most tests share: a fake clock, a PKI lined up with it, a local responder that
+signs with that clock, and a throwaway redis-server. Modules that need the real clock define
+their own PKI and responder."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
 from staple.testing import FakeClock, OcspResponder, TestPKI
+
+from .redis_server import RedisServer, redis_server_missing
 
 
 @pytest.fixture
@@ -24,3 +29,19 @@ def pki(clock: FakeClock) -> TestPKI:
 async def responder(pki: TestPKI, clock: FakeClock) -> AsyncIterator[OcspResponder]:
     async with OcspResponder(pki, clock=clock) as r:
         yield r
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A throwaway redis-server; skipped when it is not installed, failed under CI=true."""
+    missing = redis_server_missing()
+    if missing is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{missing}; CI=true requires the Redis tests to run")
+        pytest.skip(missing)
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

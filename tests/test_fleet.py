@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,7 +34,7 @@ from staple import EventKind, RefreshPolicy
 from staple.redis_store import RedisStore
 from staple.testing import FakeClock, Fault, OcspResponder, TestPKI
 
-from .redis_server import RedisServer, redis_server_missing
+from .redis_server import RedisServer
 
 pytestmark = pytest.mark.external
 
@@ -42,21 +42,6 @@ POLICY = RefreshPolicy(jitter=0.0, wait_timeout=5.0, fetch_timeout=5.0)
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 15.0  # real seconds any bounded wait may take before the test fails
 LOOK_AGAIN = 10.0  # a server denied the lock looks at the store again this much later
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    missing = redis_server_missing()
-    if missing is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{missing}; CI=true requires the fleet tests to run")
-        pytest.skip(missing)
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

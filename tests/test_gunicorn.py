@@ -8,17 +8,15 @@ staple's TLS that answered). Each passing case has a broken twin that must fail.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from staple.testing import Fault, Leaf, OcspResponder, TestPKI
 
-from .redis_server import RedisServer, redis_server_missing
 from .server_process import CURL_BAD_STAPLE, ServerProcess, curl, files, server_process
 
 pytestmark = pytest.mark.slow
@@ -46,21 +44,6 @@ def ca_file(pki: TestPKI, tmp_path: Path) -> Path:
     path = tmp_path / "ca.pem"
     pki.write_ca_bundle(path)
     return path
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    missing = redis_server_missing()
-    if missing is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{missing}; CI=true requires the fleet tests to run")
-        pytest.skip(missing)
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def gunicorn(worker: str, *args: str, workers: int = 2) -> tuple[str, ...]:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +23,7 @@ from staple.cli.status import Verdict, inspect_store
 from staple.redis_store import RedisStore
 from staple.testing import FakeClock, Fault, Leaf, OcspResponder, TestPKI
 
-from .redis_server import RedisServer, free_port, redis_server_missing
+from .redis_server import free_port
 
 UNTIL = datetime.now(UTC) + timedelta(days=30)
 
@@ -366,21 +365,6 @@ async def test_a_custom_store_lists_nothing_and_keeps_working(live) -> None:
 
 
 # -- a fleet's Redis -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    missing = redis_server_missing()
-    if missing is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{missing}; CI=true requires the Redis tests to run")
-        pytest.skip(missing)
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.external
