@@ -82,8 +82,9 @@ class StaplingSite(web.BaseSite):
     tracks them and aborts them on :meth:`stop`. With ``sock``, it serves on that socket (bound
     already, as aiohttp's ``SockSite`` takes it) instead of ``host`` and ``port``.
 
-    ``transport`` chooses the TLS transport (see :func:`staple.tls.create_server`): ``"memory"``
-    (memory BIOs under asyncio's TCP transport) or ``"socket"`` (OpenSSL on the socket itself).
+    ``transport`` chooses the TLS transport (see :func:`staple.tls.create_server`): ``"socket"``
+    (OpenSSL on the socket itself, the default) or ``"memory"`` (memory BIOs under asyncio's
+    TCP transport).
     """
 
     __slots__ = (
@@ -116,7 +117,7 @@ class StaplingSite(web.BaseSite):
         handshake_timeout: float = tls.DEFAULT_HANDSHAKE_TIMEOUT,
         tls_shutdown_timeout: float = tls.DEFAULT_SHUTDOWN_TIMEOUT,
         max_handshakes: int | None = None,
-        transport: tls.TransportKind = "memory",
+        transport: tls.TransportKind = tls.DEFAULT_TRANSPORT,
     ) -> None:
         if not isinstance(ssl_context, SSL.Context):
             raise TypeError(
@@ -313,7 +314,7 @@ class StaplingServer:
         max_handshakes: int | None = MAX_HANDSHAKES,
         tls_profile: TLSProfile | str = TLSProfile.INTERMEDIATE,
         context_factory: Callable[[], SSL.Context] | None = None,
-        transport: tls.TransportKind = "memory",
+        transport: tls.TransportKind = tls.DEFAULT_TRANSPORT,
         **runner_options: Any,
     ) -> None:
         _refuse_unknown("StaplingServer()", runner_options, _RUNNER_OPTIONS)

@@ -1,4 +1,4 @@
-"""Server-side TLS for asyncio on pyOpenSSL memory BIOs, so that OCSP responses can be stapled.
+"""Server-side TLS for asyncio on pyOpenSSL, so that OCSP responses can be stapled.
 
 The stdlib :mod:`ssl` module has no way to staple an OCSP response; pyOpenSSL has
 (``Context.set_ocsp_server_callback``). This module is the asyncio glue that lets an ordinary
@@ -12,21 +12,25 @@ Public surface::
     factory = staple.tls.server_protocol_factory(app_factory, ctx, on_connection=track)
     staple.tls.call_when_closed(conn, callback)   # for the OCSP stapler
     server = await staple.tls.create_server(factory, host, port, ssl_context=ctx,
-                                            transport="socket")   # OpenSSL on the socket
+                                            transport="memory")   # memory BIOs (below)
 
 Two transports
 --------------
-``transport="memory"`` (the default) is this module's: memory BIOs under asyncio's own TCP
-transport. ``transport="socket"`` is :mod:`staple.tls_socket`: OpenSSL reads and writes each
+``transport="socket"`` (the default) is :mod:`staple.tls_socket`: OpenSSL reads and writes each
 accepted socket itself, and the server accepts connections itself, so no asyncio transport is
-made. Both keep the same guarantees (the test suites run on both). Measured against each other
-(``bench``): the socket transport executes 1-10 % fewer instructions per full handshake
-(10 % with ECDSA on asyncio's loop, 2-5 % on uvloop or with RSA), and uploads cost the same;
-but OpenSSL sends every 16 KiB record with its own ``send()``, so downloads cost more CPU per
-MB (1.04x corked, in process; more through the bench's separate client). Hence the default.
-Only the memory transport can serve where the loop creates the connection and hands a protocol
-factory its transport: ``server_protocol_factory`` with ``loop.create_server``, and uvicorn
-(:mod:`staple.uvicorn` subclasses :class:`TLSServerProtocol`).
+made. ``transport="memory"`` is this module's: memory BIOs under asyncio's own TCP transport.
+Both keep the same guarantees (the test suites run on both). Measured against each other
+(``bench``): the socket transport executes fewer instructions per full handshake (the Python
+that pumps each flight through two BIOs is gone), and uploads cost the same; but OpenSSL sends
+every 16 KiB record with its own ``send()``, so downloads cost a few per cent more CPU per MB
+(1.04x, corked). Connections are what a TLS server pays for most often, hence the default.
+
+The memory transport remains where a socket BIO cannot work: where the loop creates the
+connection and hands a protocol factory its transport, i.e. :func:`server_protocol_factory`
+with ``loop.create_server``, and uvicorn
+(:mod:`staple.uvicorn` subclasses :class:`TLSServerProtocol`, as uvicorn's own servers run its
+protocol factory); and anything that is not a socket of its own (pipes, a transport that
+already wraps the socket).
 
 Theory of operation
 -------------------
@@ -123,6 +127,7 @@ from OpenSSL import SSL
 from .errors import StapleRefused
 
 __all__ = [
+    "DEFAULT_TRANSPORT",
     "TRANSPORTS",
     "AppState",
     "TLSServerProtocol",
@@ -1135,6 +1140,9 @@ def server_protocol_factory(
 
 TransportKind = Literal["memory", "socket"]
 TRANSPORTS: Final[tuple[TransportKind, ...]] = ("memory", "socket")
+DEFAULT_TRANSPORT: Final[TransportKind] = "socket"
+"""What :func:`create_server`, :func:`start_server` and :class:`staple.aiohttp.StaplingSite`
+use unless told: OpenSSL on the socket, the cheaper per connection (see the module docstring)."""
 
 
 def _check_transport(transport: str) -> TransportKind:
@@ -1154,7 +1162,7 @@ async def create_server(
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     max_handshakes: int | None = None,
-    transport: TransportKind = "memory",
+    transport: TransportKind = DEFAULT_TRANSPORT,
     on_connection: Callable[[Any], None] | None = None,
     **kwargs: Any,
 ) -> asyncio.Server:
@@ -1164,11 +1172,12 @@ async def create_server(
     go to ``loop.create_server``. A handshake slower than ``handshake_timeout`` seconds is
     aborted; ``close()`` waits at most ``shutdown_timeout`` seconds for the peer's close_notify.
 
-    ``transport="memory"`` (the default) runs TLS on memory BIOs under asyncio's own TCP
-    transport (:class:`TLSServerProtocol`); ``transport="socket"`` lets OpenSSL read and write
-    each accepted socket itself (:mod:`staple.tls_socket`), which costs less per handshake; it
-    takes ``sock``, ``family``, ``flags``, ``backlog``, ``reuse_address``, ``reuse_port`` and
-    ``start_serving`` of ``loop.create_server``'s keywords. ``on_connection`` is called with
+    ``transport="socket"`` (the default) lets OpenSSL read and write each accepted socket
+    itself (:mod:`staple.tls_socket`), which costs less per handshake; it takes ``sock``,
+    ``family``, ``flags``, ``backlog``, ``reuse_address``, ``reuse_port`` and ``start_serving``
+    of ``loop.create_server``'s keywords. ``transport="memory"`` runs TLS on memory BIOs under
+    asyncio's own TCP transport (:class:`TLSServerProtocol`) and passes every other keyword to
+    ``loop.create_server``. ``on_connection`` is called with
     each connection's transport before its handshake (see :func:`server_protocol_factory`).
     """
     if "ssl" in kwargs:
@@ -1212,7 +1221,7 @@ async def start_server(
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     max_handshakes: int | None = None,
-    transport: TransportKind = "memory",
+    transport: TransportKind = DEFAULT_TRANSPORT,
     **kwargs: Any,
 ) -> asyncio.Server:
     """Like ``asyncio.start_server(..., ssl=...)``, TLS by pyOpenSSL.

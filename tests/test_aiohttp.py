@@ -46,13 +46,13 @@ from .external import require
 
 HOST = "127.0.0.1"
 # The TLS transport of the sites under test, set for each test by the ``transport`` fixture.
-TRANSPORT: staple.tls.TransportKind = "memory"
+TRANSPORT: staple.tls.TransportKind = staple.tls.DEFAULT_TRANSPORT
 
 
-# The opt-in socket transport runs with the slow tests; `make quick` keeps to the default.
+# The memory transport runs with the slow tests; `make quick` keeps to the default one.
 @pytest.fixture(
     params=[
-        pytest.param(t, marks=pytest.mark.slow) if t != "memory" else t
+        pytest.param(t, marks=pytest.mark.slow) if t != staple.tls.DEFAULT_TRANSPORT else t
         for t in staple.tls.TRANSPORTS
     ],
     autouse=True,
@@ -64,7 +64,7 @@ def transport(request: pytest.FixtureRequest) -> Iterator[staple.tls.TransportKi
     try:
         yield request.param
     finally:
-        TRANSPORT = "memory"
+        TRANSPORT = staple.tls.DEFAULT_TRANSPORT
 
 
 # test_many_handshakes: 10,000 takes about 10 s on two idle cores (up to ~25 s under load).

@@ -131,7 +131,7 @@ class World:
 
 
 # The TLS transport under test, set for each test by the autouse ``transport`` fixture.
-TRANSPORT: tls.TransportKind = "memory"
+TRANSPORT: tls.TransportKind = tls.DEFAULT_TRANSPORT
 
 
 @pytest.fixture(params=tls.TRANSPORTS, autouse=True)
@@ -142,7 +142,7 @@ def transport(request: pytest.FixtureRequest) -> Iterator[tls.TransportKind]:
     try:
         yield request.param
     finally:
-        TRANSPORT = "memory"
+        TRANSPORT = tls.DEFAULT_TRANSPORT
 
 
 @pytest.fixture(scope="module")

@@ -47,13 +47,14 @@ with contextlib.suppress(ImportError):  # optional: these tests also run on uvlo
 T = TypeVar("T")
 HOST = "127.0.0.1"
 # The transport under test, set for each test by the autouse ``transport`` fixture.
-TRANSPORT: tls.TransportKind = "memory"
+TRANSPORT: tls.TransportKind = tls.DEFAULT_TRANSPORT
 
 
-# The opt-in socket transport runs with the slow tests; `make quick` keeps to the default.
+# The memory transport runs with the slow tests; `make quick` keeps to the default one.
 @pytest.fixture(
     params=[
-        pytest.param(t, marks=pytest.mark.slow) if t != "memory" else t for t in tls.TRANSPORTS
+        pytest.param(t, marks=pytest.mark.slow) if t != tls.DEFAULT_TRANSPORT else t
+        for t in tls.TRANSPORTS
     ],
     autouse=True,
 )
@@ -64,7 +65,7 @@ def transport(request: pytest.FixtureRequest) -> Iterator[tls.TransportKind]:
     try:
         yield request.param
     finally:
-        TRANSPORT = "memory"
+        TRANSPORT = tls.DEFAULT_TRANSPORT
 
 
 def memory_only(transport: str) -> None:

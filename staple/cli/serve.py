@@ -167,9 +167,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--transport",
         choices=tls.TRANSPORTS,
-        default="memory",
-        help="TLS transport: memory BIOs under asyncio's TCP transport, or OpenSSL on the "
-        "socket itself (%(default)s; aiohttp apps and the status page)",
+        default=None,
+        help="TLS transport of aiohttp apps and the status page: OpenSSL on the socket itself "
+        "(the default) or memory BIOs under asyncio's TCP transport; ASGI apps run on the "
+        "memory transport, as uvicorn's server creates their connections",
     )
     parser.add_argument(
         "--loop",
@@ -262,8 +263,9 @@ class ServeConfig:
     ``None`` serves the status page."""
     metrics: tuple[str, int] | None = None
     """``(host, port)`` of a plain-HTTP ``/metrics`` listener (:mod:`staple.metrics`)."""
-    transport: tls.TransportKind = "memory"
-    """The TLS transport: memory BIOs, or OpenSSL on the socket (see :mod:`staple.tls`)."""
+    transport: tls.TransportKind | None = None
+    """The TLS transport (see :mod:`staple.tls`); ``None``: the socket transport, or the memory
+    transport for an ASGI app (uvicorn's server creates its connections)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +330,7 @@ async def serve(
             return run.cannot_start(f"--app {config.app}: the factory raised {exc!r}", exc)
         if made.kind is AppKind.ASGI:
             problem = _asgi_problem(config.app)
-            if problem is None and config.transport != "memory":
+            if problem is None and config.transport == "socket":
                 problem = (
                     f"--transport {config.transport}: ASGI apps run on uvicorn's protocol, "
                     "which staple wraps in the memory transport; leave --transport out"
@@ -462,7 +464,7 @@ async def _serve_aiohttp(
         responder_urls=[config.responder] if config.responder else None,
         access_log=None,
         tls_profile=config.tls_profile,
-        transport=config.transport,
+        transport=config.transport or tls.DEFAULT_TRANSPORT,
         **where,
     )
 
