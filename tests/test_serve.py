@@ -33,7 +33,7 @@ from aiohttp import web
 from cryptography import x509
 
 import staple
-from staple import RefreshPolicy, cli, static_files
+from staple import RefreshPolicy, cli, static_files, tls_socket
 from staple.aiohttp import MAX_HANDSHAKES
 from staple.cli import demo
 from staple.cli.serve import ServeConfig, Serving, describe_loop, loop_factory, serve
@@ -823,6 +823,20 @@ async def test_chains_open_at_once_and_handshakes_are_capped(pki, responder, tmp
             assert [status_of(h)["status"] for h in serving.handles] == ["good", "good"]
             result = await probe(HOST, serving.port, servername="b.gate.serve.test")
             assert result.code == 0, result.lines()
+
+
+@pytest.mark.parametrize("transport", [None, "socket", "memory"])
+async def test_transport_option(pki, responder, tmp_path, transport) -> None:
+    """``--transport``: OpenSSL on the socket unless told ``memory``; both staple."""
+    leaf = pki.issue_leaf("transport.serve.test", ocsp_url=responder.url)
+    config = config_for(tmp_path, files(tmp_path, leaf, "leaf"), transport=transport)
+    async with running(config) as serving:
+        assert serving.server is not None
+        servers = [site._server for site in serving.server.sites]
+        expected = tls_socket.SocketTLSServer if transport != "memory" else asyncio.Server
+        assert [type(server) for server in servers] == [expected]
+        result = await probe(HOST, serving.port, servername="transport.serve.test")
+        assert result.code == 0, result.lines()
 
 
 async def test_start_failures_exit_2(pki, responder, tmp_path, capsys) -> None:

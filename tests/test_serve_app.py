@@ -230,6 +230,13 @@ async def test_app_with_static_exits_2(pki, tmp_path, capsys) -> None:
     assert "with --app, serve them from your application" in capsys.readouterr().err
 
 
+async def test_asgi_app_refuses_the_socket_transport(pki, tmp_path, capsys) -> None:
+    chain, key = files(tmp_path, pki.issue_leaf("localhost"))
+    argv = ["serve", "--app", "tests.serve_apps:asgi_app", "--transport", "socket", "--no-cache"]
+    assert await cli.run([*argv, "--cert", str(chain), "--key", str(key), "--port", "0"]) == 2
+    assert "--transport socket: ASGI apps run on uvicorn's protocol" in capsys.readouterr().err
+
+
 async def test_asgi_app_without_uvicorn_names_the_extra(pki, tmp_path, capsys, monkeypatch):
     for package, name in ((staple.cli, "serve_asgi"), (staple, "uvicorn")):
         monkeypatch.delitem(sys.modules, f"{package.__name__}.{name}", raising=False)
