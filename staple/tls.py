@@ -465,8 +465,10 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
         self._close_exc: BaseException | None = None  # given to the app's connection_lost()
         self._conn_lost_writes = 0
 
-        # Output is corked while we handle one incoming event: flushed once at its end.
+        # Output is corked while we handle one incoming event: flushed once at its end. Writes
+        # made outside one (from a task) are drained once, after the loop's current callbacks.
         self._corked = False
+        self._drain_scheduled = False
         self._unflushed = 0  # plaintext bytes encrypted into the outgoing BIO since the drain
         self._tcp_closing = False
         self._tcp_lost = False
@@ -1001,6 +1003,14 @@ class TLSServerProtocol(asyncio.BufferedProtocol):
         except SSL.Error as exc:
             self._fatal_error(exc, "TLS error on write")
             return
+        if not self._corked and not self._drain_scheduled:
+            # A response is often several writes in one step of a task (uvicorn: its head,
+            # then its body): what they encrypted goes to TCP in one write, one send().
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
         if not self._corked:
             self._process_outgoing()
 
