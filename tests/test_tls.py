@@ -514,6 +514,55 @@ def test_echo_round_trip(run: Run, pki: PKI, version: tuple[int, ssl.TLSVersion,
     run(main())
 
 
+class TwoWrites(App):
+    """Answers each message from a task, in two writes (as uvicorn writes a head, a body);
+    counts the writes its TLS layer makes to the TCP transport."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.tcp_writes: list[int] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        tcp = self.transport._tls_protocol._transport
+        write = tcp.write
+
+        def counting(data: bytes) -> None:
+            self.tcp_writes.append(len(data))
+            write(data)
+
+        tcp.write = counting
+
+    def data_received(self, data: bytes) -> None:
+        async def answer() -> None:
+            self.tcp_writes.clear()  # not what the read wrote (TLS 1.3 session tickets)
+            self.transport.write(b"head:")
+            self.transport.write(data)
+
+        task = asyncio.get_running_loop().create_task(answer())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+def test_writes_in_one_step_leave_in_one_tcp_write(
+    run_asyncio: Run, pki: PKI, transport: str
+) -> None:
+    memory_only(transport)
+
+    async def main() -> None:
+        apps, factory = collecting(lambda: TwoWrites(echo=False))
+        async with serving(factory, server_context(pki)) as port:
+            reader, writer = await stdlib_connect(port, client_context(pki))
+            writer.write(b"body")
+            assert await reader.readexactly(9) == b"head:body"
+            assert apps[0].tcp_writes == [2 * 22 + 9]  # both records, one write
+            writer.write(b"more")
+            assert await reader.readexactly(9) == b"head:more"
+            assert apps[0].tcp_writes == [2 * 22 + 9]
+            await stdlib_close(writer)
+            assert await apps[0].lost is None
+
+    run_asyncio(main())
+
+
 def test_extra_info(run: Run, pki: PKI) -> None:
     async def main() -> None:
         apps, factory = collecting(App)
