@@ -4,7 +4,9 @@ Sections (all by default, in this order): ``getter`` (get_context + free, the OC
 validation), ``handshakes`` (staple.tls + aiohttp vs stdlib ssl + aiohttp), ``stapling`` (what
 stapling costs a handshake, and where), ``bulk`` (200 MB down and up), ``scale`` (10,000 chains
 against a responder in another process), ``nginx`` (``staple serve`` vs nginx), ``servers``
-(staple.uvicorn, staple.gunicorn and staple.aiohttp vs the same servers on stdlib ssl).
+(staple.uvicorn, staple.gunicorn and staple.aiohttp vs the same servers on stdlib ssl),
+``e2e`` (nginx in front of an aiohttp or ASGI app vs staple in the app's process: total server
+CPU per request, with the app alone on plain HTTP as the floor).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from . import (
     _proc,
     bulk,
     core,
+    e2e,
     handshakes,
     instructions,
     nginx,
@@ -51,6 +54,7 @@ SECTIONS: dict[str, Callable[[Bench], Awaitable[Section]]] = {
     "scale": scale.run,
     "nginx": nginx.run,
     "servers": servers.run,
+    "e2e": e2e.run,
 }
 ALIASES = {"core": "getter", "refresher": "scale", "bulk-transfer": "bulk"}
 # Benchmarks other people own (bench/fleet.py, bench/soak.py): run only when named, through

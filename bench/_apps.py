@@ -1,16 +1,21 @@
-"""The app the ``servers`` section serves, twice: a raw ASGI app and an aiohttp app.
+"""The app the ``servers`` and ``e2e`` sections serve, twice: a raw ASGI app and an aiohttp app.
 
 Both answer ``GET`` with the same tiny JSON body (``{"hello": "world"}``, with a
 ``Content-Length``, so keep-alive clients need no chunked decoding). ``asgi`` also completes
 the lifespan protocol, so uvicorn and gunicorn start it without a warning.
 
-``python -m bench._apps KIND CHAIN KEY PORT STORE_DIR [LOOP]`` runs one of the servers that
-have no command line of their own, on 127.0.0.1 until SIGTERM:
+``python -m bench._apps KIND CHAIN KEY PORT STORE_DIR [LOOP | TRANSPORT]`` runs one of the
+servers that have no command line of their own, on 127.0.0.1 until SIGTERM:
 
 - ``staple-uvicorn``: ``staple.uvicorn.run(asgi, certs=[(CHAIN, KEY)], workers=1, loop=LOOP)``
   (``LOOP``: uvicorn's ``--loop``, ``auto`` by default);
 - ``staple-aiohttp``: ``staple.aiohttp.run_app(aiohttp_app(), certs=[(CHAIN, KEY)])``;
-- ``aiohttp``: ``aiohttp.web.run_app(aiohttp_app(), ssl_context=<stdlib ssl.SSLContext>)``.
+- ``aiohttp``: ``aiohttp.web.run_app(aiohttp_app(), ssl_context=<stdlib ssl.SSLContext>)``;
+- ``staple-aiohttp-server``: :class:`staple.aiohttp.StaplingServer` (what ``run_app`` runs,
+  serving through ``StaplingSite``) with ``transport=TRANSPORT`` in place of ``LOOP`` (``memory``
+  by default, or ``socket``), on asyncio's loop (for the ``e2e`` section);
+- ``aiohttp-plain``: ``aiohttp.web.run_app(aiohttp_app())``, plain HTTP (``CHAIN``, ``KEY``
+  and ``STORE_DIR`` unused): the app behind nginx in ``e2e``, and its floor.
 
 The staple servers read their OCSP response from the :class:`~staple.FileStore` in
 ``STORE_DIR``, filled beforehand, as after a restart: they staple from the first handshake and
@@ -92,6 +97,24 @@ def main(argv: list[str] | None = None) -> None:
         web.run_app(
             aiohttp_app(), host=host, port=port, ssl_context=context, access_log=None, print=None
         )
+    elif kind == "staple-aiohttp-server":
+        import asyncio
+
+        import staple.aiohttp
+        from staple import FileStore, Stapler
+
+        server = staple.aiohttp.StaplingServer(
+            aiohttp_app(),
+            certs=[(chain, key)],
+            stapler=Stapler(store=FileStore(store_dir)),
+            host=host,
+            port=port,
+            transport="socket" if rest and rest[0] == "socket" else "memory",
+            access_log=None,
+        )
+        asyncio.run(server.run())
+    elif kind == "aiohttp-plain":
+        web.run_app(aiohttp_app(), host=host, port=port, access_log=None, print=None)
     else:
         raise SystemExit(f"unknown server kind {kind!r}")
 

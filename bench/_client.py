@@ -95,20 +95,32 @@ async def handshakes(
     path: str = "/",
     status: bool = True,
     sni: str = "bench.test",
+    plain: bool = False,
 ) -> dict[str, Any]:
-    """``procs`` processes making full handshakes + one GET each, for ``seconds``."""
+    """``procs`` processes making full handshakes + one GET each, for ``seconds``. With
+    ``plain`` (the C client only), a plain-HTTP connection per GET instead: no TLS."""
     args = ["hs", HOST, str(port), path, f"{seconds:g}", str(procs), *_tls(tls), "-sni", sni]
     if status:
         args.append("-status")
-    return await _run(args, seconds + 60)
+    return await _run(_plain(args, plain), seconds + 60)
 
 
-async def get(port: int, path: str, *, tls: str, status: bool = True) -> dict[str, Any]:
+async def get(
+    port: int, path: str, *, tls: str, status: bool = True, plain: bool = False
+) -> dict[str, Any]:
     """One connection, one GET; reports the staple's length (0: none)."""
     args = ["get", HOST, str(port), path, *_tls(tls), "-sni", "bench.test"]
     if status:
         args.append("-status")
-    return await _run(args, 60)
+    return await _run(_plain(args, plain), 60)
+
+
+def _plain(args: list[str], plain: bool) -> list[str]:
+    if not plain:
+        return args
+    if kind() != "C (system OpenSSL)":
+        raise RuntimeError("plain HTTP needs the C client (bench/hsclient.c)")
+    return [*args, "-plain"]
 
 
 async def download(port: int, nbytes: int, *, tls: str) -> dict[str, Any]:

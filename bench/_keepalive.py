@@ -63,14 +63,24 @@ def why_not() -> str:
 
 
 async def requests(
-    port: int, *, seconds: float, procs: int, tls: str, path: str = "/", sni: str = "bench.test"
+    port: int,
+    *,
+    seconds: float,
+    procs: int,
+    tls: str,
+    path: str = "/",
+    sni: str = "bench.test",
+    plain: bool = False,
 ) -> dict[str, Any]:
-    """``procs`` keep-alive connections, requests back to back on each, for ``seconds``."""
+    """``procs`` keep-alive connections, requests back to back on each, for ``seconds``
+    (``plain``: plain HTTP, no TLS)."""
     binary = command()
     if binary is None:
         raise RuntimeError(why_not())
     version = "-tls1_2" if tls == "1.2" else "-tls1_3"
     args = [HOST, str(port), path, f"{seconds:g}", str(procs), version, "-sni", sni]
+    if plain:
+        args.append("-plain")
     process = await asyncio.create_subprocess_exec(
         binary,
         *args,

@@ -7,10 +7,12 @@
  *   hsclient get  HOST PORT PATH [opts]                 one connection: download PATH
  *   hsclient put  HOST PORT PATH BYTES [opts]           one connection: upload BYTES
  *   opts: -tls1_2 | -tls1_3   -status (send status_request)   -sni NAME
+ *         -plain (hs and get only: plain HTTP over TCP, no TLS; the TLS options are ignored)
  *
  * Every mode prints one JSON object on stdout. "hs" forks PROCS processes, each making
  * connections back to back for SECONDS: connect, handshake (a new session every time, no
  * resumption), "GET PATH" with "Connection: close", read to the end, close_notify, close.
+ * With -plain: connect, the same GET, read to the end, close.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -30,7 +32,7 @@
 
 struct opts {
     const char *host, *path, *sni;
-    int port, version, status;
+    int port, version, status, plain;
 };
 
 struct tally {
@@ -127,12 +129,45 @@ static void finish(SSL *ssl, int fd) {
     close(fd);
 }
 
+/* -plain: one connection without TLS, the same GET, read to the end; bytes read, -1 on error. */
+static long plain_get(const struct opts *o, int *http_ok) {
+    static char buf[256 * 1024];
+    char req[512];
+    long total = 0;
+    int len, sent = 0, fd = tcp_connect(o);
+    if (fd < 0) return -1;
+    len = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n",
+                   o->path, o->sni ? o->sni : o->host);
+    while (sent < len) {
+        ssize_t n = send(fd, req + sent, (size_t)(len - sent), 0);
+        if (n <= 0) {
+            close(fd);
+            return -1;
+        }
+        sent += (int)n;
+    }
+    for (;;) {
+        ssize_t n = recv(fd, buf, sizeof buf, 0);
+        if (n < 0) {
+            close(fd);
+            return -1;
+        }
+        if (n == 0) break;
+        if (total == 0) *http_ok = n >= 12 && memcmp(buf, "HTTP/1.1 200", 12) == 0;
+        total += n;
+    }
+    close(fd);
+    return total;
+}
+
 static int one_request(SSL_CTX *ctx, const struct opts *o, struct tally *t) {
     char req[512];
     int fd, http_ok = 0, len;
     const unsigned char *resp;
     long n;
-    SSL *ssl = tls_connect(ctx, o, &fd);
+    SSL *ssl;
+    if (o->plain) return plain_get(o, &http_ok) < 0 || !http_ok ? -1 : 0;
+    ssl = tls_connect(ctx, o, &fd);
     if (ssl == NULL) return -1;
     len = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n",
                    o->path, o->sni ? o->sni : o->host);
@@ -218,6 +253,14 @@ static int mode_get(const struct opts *o) {
     double t0;
     SSL *ssl;
     memset(&t, 0, sizeof t);
+    if (o->plain) {
+        t0 = now();
+        n = plain_get(o, &http_ok);
+        printf("{\"bytes\": %ld, \"http_ok\": %d, \"elapsed\": %.6f, \"cipher\": \"\", "
+               "\"staple_len\": 0}\n",
+               n, http_ok, now() - t0);
+        return n < 0 || !http_ok;
+    }
     ssl = tls_connect(ctx, o, &fd);
     if (ssl == NULL) {
         printf("{\"error\": \"connect\"}\n");
@@ -286,6 +329,8 @@ int main(int argc, char **argv) {
             o.version = TLS1_3_VERSION;
         else if (strcmp(argv[i], "-status") == 0)
             o.status = 1;
+        else if (strcmp(argv[i], "-plain") == 0)
+            o.plain = 1;
         else if (strcmp(argv[i], "-sni") == 0 && i + 1 < argc)
             o.sni = argv[++i];
         else if (npos < 8)

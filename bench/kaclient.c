@@ -3,14 +3,16 @@
  * client is cheap and the same for every server. Built on first use by bench/_keepalive.py
  * (cc -O2 kaclient.c -lssl -lcrypto).
  *
- *   kaclient HOST PORT PATH SECONDS PROCS [-tls1_2 | -tls1_3] [-sni NAME]
+ *   kaclient HOST PORT PATH SECONDS PROCS [-tls1_2 | -tls1_3] [-sni NAME] [-plain]
  *
  * Forks PROCS processes; each opens one TLS connection and sends "GET PATH HTTP/1.1"
  * requests on it back to back for SECONDS, one at a time (no pipelining), reading each
  * response's headers and its Content-Length body before the next request. A response must be
  * "HTTP/1.1 200" with a Content-Length. Should the server close the connection, the process
- * opens another (counted in "connections"). Prints one JSON object:
- * {"ok", "errors", "connections", "elapsed", "wall", "cipher", "version"}.
+ * opens another (counted in "connections"); a response saying "Connection: close" (nginx's
+ * keepalive_requests) is counted, and the connection is then closed and replaced without an
+ * error. -plain: plain HTTP over TCP, no TLS ("cipher" and "version" are then empty). Prints
+ * one JSON object: {"ok", "errors", "connections", "elapsed", "wall", "cipher", "version"}.
  */
 #define _GNU_SOURCE /* memmem */
 #include <arpa/inet.h>
@@ -30,7 +32,7 @@
 
 struct opts {
     const char *host, *path, *sni;
-    int port, version;
+    int port, version, plain;
 };
 
 struct tally {
@@ -79,6 +81,8 @@ static int open_conn(SSL_CTX *ctx, const struct opts *o, struct conn *c) {
         close(c->fd);
         return -1;
     }
+    c->ssl = NULL;
+    if (o->plain) return 0;
     c->ssl = SSL_new(ctx);
     SSL_set_fd(c->ssl, c->fd);
     if (o->sni) SSL_set_tlsext_host_name(c->ssl, o->sni);
@@ -91,8 +95,10 @@ static int open_conn(SSL_CTX *ctx, const struct opts *o, struct conn *c) {
 }
 
 static void close_conn(struct conn *c) {
-    SSL_shutdown(c->ssl);
-    SSL_free(c->ssl);
+    if (c->ssl != NULL) {
+        SSL_shutdown(c->ssl);
+        SSL_free(c->ssl);
+    }
     close(c->fd);
 }
 
@@ -100,43 +106,74 @@ static void close_conn(struct conn *c) {
 static int fill(struct conn *c) {
     int n;
     if (c->have >= sizeof c->buf) return -1;
-    n = SSL_read(c->ssl, c->buf + c->have, (int)(sizeof c->buf - c->have));
+    if (c->ssl == NULL)
+        n = (int)recv(c->fd, c->buf + c->have, sizeof c->buf - c->have, 0);
+    else
+        n = SSL_read(c->ssl, c->buf + c->have, (int)(sizeof c->buf - c->have));
     if (n <= 0) return -1;
     c->have += (size_t)n;
     return 0;
 }
 
-static long content_length(const char *head, size_t len) {
+static int send_all(struct conn *c, const char *buf, int len) {
+    if (c->ssl != NULL) return SSL_write(c->ssl, buf, len) == len ? 0 : -1;
+    while (len > 0) {
+        ssize_t n = send(c->fd, buf, (size_t)len, 0);
+        if (n <= 0) return -1;
+        buf += n;
+        len -= (int)n;
+    }
+    return 0;
+}
+
+/* The value of header NAME (lower case, with its colon) in the response head, or NULL. */
+static const char *header(const char *head, size_t len, const char *name) {
     const char *p = head, *end = head + len;
+    size_t name_len = strlen(name);
     while (p < end) {
         const char *eol = memchr(p, '\n', (size_t)(end - p));
         if (eol == NULL) break;
-        if ((size_t)(eol - p) > 15 && strncasecmp(p, "content-length:", 15) == 0)
-            return strtol(p + 15, NULL, 10);
+        if ((size_t)(eol - p) > name_len && strncasecmp(p, name, name_len) == 0)
+            return p + name_len;
         p = eol + 1;
     }
-    return -1;
+    return NULL;
 }
 
-/* One request and its response on an open connection: 0 ok, -1 failed. */
+static long content_length(const char *head, size_t len) {
+    const char *value = header(head, len, "content-length:");
+    return value == NULL ? -1 : strtol(value, NULL, 10);
+}
+
+/* Does the response say "Connection: close"? */
+static int closing(const char *head, size_t len) {
+    const char *value = header(head, len, "connection:");
+    while (value != NULL && *value == ' ') value++;
+    return value != NULL && strncasecmp(value, "close", 5) == 0;
+}
+
+/* One request and its response on an open connection: 1 ok and the server closes the
+ * connection, 0 ok, -1 failed. */
 static int one_request(struct conn *c, const char *req, int req_len) {
     char *head_end;
     size_t head_len, total;
     long body;
-    if (SSL_write(c->ssl, req, req_len) != req_len) return -1;
+    int last;
+    if (send_all(c, req, req_len) != 0) return -1;
     while ((head_end = memmem(c->buf, c->have, "\r\n\r\n", 4)) == NULL)
         if (fill(c) != 0) return -1;
     head_len = (size_t)(head_end - c->buf) + 4;
     if (head_len < 12 || memcmp(c->buf, "HTTP/1.1 200", 12) != 0) return -1;
     body = content_length(c->buf, head_len);
     if (body < 0) return -1;
+    last = closing(c->buf, head_len);
     total = head_len + (size_t)body;
     if (total > sizeof c->buf) return -1;
     while (c->have < total)
         if (fill(c) != 0) return -1;
     memmove(c->buf, c->buf + total, c->have - total);
     c->have -= total;
-    return 0;
+    return last;
 }
 
 static void worker(const struct opts *o, double seconds, struct tally *t) {
@@ -155,14 +192,21 @@ static void worker(const struct opts *o, double seconds, struct tally *t) {
             }
             open = 1;
             t->connections++;
-            if (t->cipher[0] == 0) {
+            if (t->cipher[0] == 0 && c.ssl != NULL) {
                 snprintf(t->cipher, sizeof t->cipher, "%s", SSL_get_cipher_name(c.ssl));
                 snprintf(t->version, sizeof t->version, "%s", SSL_get_version(c.ssl));
             }
         }
-        if (one_request(&c, req, len) == 0) {
+        switch (one_request(&c, req, len)) {
+        case 0:
             t->ok++;
-        } else {
+            break;
+        case 1:
+            t->ok++;
+            close_conn(&c);
+            open = 0;
+            break;
+        default:
             t->errors++;
             close_conn(&c);
             open = 0;
@@ -190,11 +234,13 @@ int main(int argc, char **argv) {
             o.version = TLS1_3_VERSION;
         else if (strcmp(argv[i], "-sni") == 0 && i + 1 < argc)
             o.sni = argv[++i];
+        else if (strcmp(argv[i], "-plain") == 0)
+            o.plain = 1;
         else if (npos < 5)
             pos[npos++] = argv[i];
     }
     if (npos != 5) {
-        fprintf(stderr, "usage: kaclient HOST PORT PATH SECONDS PROCS [-tls1_3] [-sni NAME]\n");
+        fprintf(stderr, "usage: kaclient HOST PORT PATH SECONDS PROCS [-tls1_3] [-sni NAME] [-plain]\n");
         return 2;
     }
     o.host = pos[0];

@@ -50,7 +50,7 @@ http {{
     fastcgi_temp_path {dir}/tmp/fastcgi;
     uwsgi_temp_path {dir}/tmp/uwsgi;
     scgi_temp_path {dir}/tmp/scgi;
-    server {{
+{http_extra}    server {{
         listen 127.0.0.1:{port} ssl;
         server_name bench.test;
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -60,7 +60,7 @@ http {{
         ssl_stapling_verify on;
         ssl_trusted_certificate {trusted};
         ssl_stapling_responder {responder};
-        location /static/ {{ root {www}; }}
+        {locations}
     }}
 }}
 """
@@ -87,9 +87,21 @@ async def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 
 class Nginx:
-    """nginx with one worker; ``cpu()`` is the worker's."""
+    """nginx with one worker; ``cpu()`` is the worker's. ``locations`` replaces the server's
+    ``location /static/`` block, ``http_extra`` goes in ``http {}`` before the server (the
+    ``e2e`` section's reverse proxy: an ``upstream`` and ``location / { proxy_pass ... }``)."""
 
-    def __init__(self, binary: str, directory: Path, m: Material, www: Path, responder: str):
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        m: Material,
+        www: Path,
+        responder: str,
+        *,
+        locations: str | None = None,
+        http_extra: str = "",
+    ):
         self.binary = binary
         self.directory = directory
         self.port = free_port()
@@ -107,7 +119,8 @@ class Nginx:
                 key=m.key,
                 trusted=m.trusted,
                 responder=responder,
-                www=www.parent,
+                locations=locations or f"location /static/ {{ root {www.parent}; }}",
+                http_extra=http_extra,
             )
         )
         self.process: asyncio.subprocess.Process | None = None
