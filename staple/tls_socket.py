@@ -18,7 +18,8 @@ Theory of operation
   readiness OpenSSL asks for (``WantReadError``: readable; ``WantWriteError``: writable).
   Handshake timeout, ``max_handshakes``, ``on_connection`` and the two lifecycles
   (:class:`~staple.tls.TLSState`, :class:`~staple.tls.AppState`, changed only in
-  ``_set_state``) are those of the memory-BIO transport.
+  ``_set_state``) are those of the memory-BIO transport. The handshake and shutdown timeouts
+  are one timer per server, not one per connection (:class:`_Deadlines`).
 * **Data.** Readable: records are decrypted 16 KiB at a time until OpenSSL wants more, then
   handed to the application in one call (``recv_into`` its buffers for a
   ``BufferedProtocol``). ``write`` encrypts and sends at once; what the socket does not take
@@ -50,6 +51,7 @@ import logging
 import os
 import socket
 import sys
+import time
 import warnings
 from asyncio import constants as _asyncio_constants
 from asyncio import transports as _asyncio_transports
@@ -129,6 +131,76 @@ def _os_error(exc: SSL.SysCallError) -> BaseException:
     return exc
 
 
+class _Deadlines:
+    """Connections that must leave a state within ``timeout`` seconds: one timer for all.
+
+    A ``call_later`` per connection costs a timer handle, a heap push and a cancel each time
+    (on asyncio's loop the heap compares handles in Python, a dozen times a connection with
+    the timers of many connections waiting in it). Here a connection is one dictionary entry,
+    added and removed in C. Every entry gets the same timeout, so insertion order is deadline
+    order: one timer, armed for the oldest entry, ends the connections past their deadline
+    and re-arms for the next one - as exact as a timer per connection.
+    """
+
+    __slots__ = ("_expire", "_loop", "_timer", "pending", "timeout")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+        expire: Callable[[SocketTLSTransport], None],
+    ) -> None:
+        self._loop = loop
+        self.timeout = timeout
+        self._expire = expire
+        self.pending: dict[SocketTLSTransport, float] = {}  # deadline, time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, transport: SocketTLSTransport) -> None:
+        self.pending[transport] = _monotonic() + self.timeout
+        if self._timer is None:
+            self._timer = self._loop.call_later(self.timeout, self._sweep)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        pending = self.pending
+        now = _monotonic()
+        expired: list[SocketTLSTransport] = []
+        for transport, deadline in pending.items():
+            if deadline > now:
+                self._timer = self._loop.call_later(deadline - now, self._sweep)
+                break
+            expired.append(transport)
+        for transport in expired:
+            del pending[transport]
+        for transport in expired:
+            try:
+                self._expire(transport)
+            except Exception as exc:  # one failure must not spare the others
+                self._loop.call_exception_handler(
+                    {"message": "TLS timeout handling failed", "exception": exc}
+                )
+
+
+class _Timeouts:
+    """The handshake and shutdown deadlines of a server's connections (or of one)."""
+
+    __slots__ = ("handshake", "shutdown")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, handshake_timeout: float, shutdown_timeout: float
+    ) -> None:
+        self.handshake = _Deadlines(
+            loop, handshake_timeout, SocketTLSTransport._check_handshake_timeout
+        )
+        self.shutdown = _Deadlines(
+            loop, shutdown_timeout, SocketTLSTransport._check_shutdown_timeout
+        )
+
+
+_monotonic: Final = time.monotonic
+
+
 class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transport):
     """One TLS connection on its own socket: a complete :class:`asyncio.Transport`.
 
@@ -158,14 +230,19 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         on_connection: Callable[[Any], None] | None = None,
         handshake_gate: HandshakeGate | None = None,
         server: SocketTLSServer | None = None,
+        timeouts: _Timeouts | None = None,
     ) -> None:
         super().__init__(None, loop)
         self._sock: socket.socket | None = sock
         self._fd = sock.fileno()
         self._server = server
         self._gate = handshake_gate
-        self._handshake_timeout = handshake_timeout
-        self._shutdown_timeout = shutdown_timeout
+        # A server's connections share its timers; a transport made on its own has its own.
+        self._timeouts = (
+            timeouts
+            if timeouts is not None
+            else _Timeouts(loop, handshake_timeout, shutdown_timeout)
+        )
 
         ssl = SSL.Connection(ssl_context, sock)
         ssl.set_accept_state()
@@ -182,8 +259,6 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         self._close_callbacks: list[Callable[[], None]] | None = None
         self._status_requested = False  # the client asked for a staple (note_status_request)
         self._close_exc: BaseException | None = None
-        self._handshake_timeout_handle: asyncio.TimerHandle | None = None
-        self._shutdown_timeout_handle: asyncio.TimerHandle | None = None
         self._conn_lost_writes = 0
         self._renegotiation_alert = False
 
@@ -254,12 +329,20 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         if new_state not in _NEXT[old._value_]:
             raise RuntimeError(f"cannot switch state from {old} to {new_state}")
         if is_tls:
+            # The handshake and shutdown deadlines and the handshake gate follow the state.
             gate = self._gate
-            if gate is not None:
-                if new_state is TLSState.DO_HANDSHAKE:
+            if new_state is TLSState.DO_HANDSHAKE:
+                self._timeouts.handshake.add(self)
+                if gate is not None:
                     gate.active += 1
-                elif self._state is TLSState.DO_HANDSHAKE:
+            elif old is TLSState.DO_HANDSHAKE:
+                self._timeouts.handshake.pending.pop(self, None)  # unless the sweep took it
+                if gate is not None:
                     gate.active -= 1
+            elif old is TLSState.SHUTDOWN:
+                self._timeouts.shutdown.pending.pop(self, None)
+            if new_state is TLSState.SHUTDOWN:
+                self._timeouts.shutdown.add(self)
             self._state = new_state  # type: ignore[assignment]
             if new_state is TLSState.SHUTDOWN or new_state is TLSState.CLOSED:
                 self._release()
@@ -271,11 +354,8 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         return app_state is AppState.CON_MADE or app_state is AppState.EOF
 
     def _release(self) -> None:
-        """The connection is ending: stop the handshake timer, run call_when_closed callbacks."""
+        """The connection is ending: run the call_when_closed callbacks."""
         self._closed = True
-        if self._handshake_timeout_handle is not None:
-            self._handshake_timeout_handle.cancel()
-            self._handshake_timeout_handle = None
         if self._released:
             return
         self._released = True
@@ -352,18 +432,15 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
     # -- handshake
 
     def _start_handshake(self) -> None:
-        self._set_state(TLSState.DO_HANDSHAKE)
-        self._handshake_timeout_handle = self._loop.call_later(
-            self._handshake_timeout, self._check_handshake_timeout
-        )
+        self._set_state(TLSState.DO_HANDSHAKE)  # the handshake deadline starts
         self._do_handshake()  # the ClientHello has usually arrived already
 
     def _check_handshake_timeout(self) -> None:
-        self._handshake_timeout_handle = None
         if self._state is TLSState.DO_HANDSHAKE:
             self._fatal_error(
                 ConnectionAbortedError(
-                    f"TLS handshake is taking longer than {self._handshake_timeout} seconds: "
+                    "TLS handshake is taking longer than "
+                    f"{self._timeouts.handshake.timeout} seconds: "
                     "aborting the connection"
                 ),
             )
@@ -396,9 +473,6 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         self._on_handshake_complete()
 
     def _on_handshake_complete(self) -> None:
-        if self._handshake_timeout_handle is not None:
-            self._handshake_timeout_handle.cancel()
-            self._handshake_timeout_handle = None
         self._set_state(TLSState.WRAPPED)
         _tls._handshake_counted(self._ssl, self._status_requested)
         if _OP_NO_RENEGOTIATION and self._ssl.get_protocol_version() < SSL.TLS1_3_VERSION:
@@ -742,10 +816,7 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         if state is not TLSState.WRAPPED:
             self.abort()  # no TLS session to close yet
             return
-        self._set_state(TLSState.SHUTDOWN)
-        self._shutdown_timeout_handle = self._loop.call_later(
-            self._shutdown_timeout, self._check_shutdown_timeout
-        )
+        self._set_state(TLSState.SHUTDOWN)  # the shutdown deadline starts
         if self._write_queue:
             self._update_interest()  # close_notify follows the queue (_flush)
         else:
@@ -777,7 +848,6 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
             self._fatal_error(exc, "TLS error during shutdown")
 
     def _check_shutdown_timeout(self) -> None:
-        self._shutdown_timeout_handle = None
         if self._sock is None:
             return
         logger.debug("%r: TLS shutdown timed out, aborting", self)
@@ -824,10 +894,6 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         if self._sock is None or self._lost_scheduled:
             return
         self._lost_scheduled = True
-        for handle in (self._handshake_timeout_handle, self._shutdown_timeout_handle):
-            if handle is not None:
-                handle.cancel()
-        self._handshake_timeout_handle = self._shutdown_timeout_handle = None
         self._want_read(False)
         self._want_write(False)
         self._write_queue.clear()
@@ -1010,6 +1076,7 @@ async def create_server(
     shutdown_timeout = _tls._check_timeout("shutdown_timeout", shutdown_timeout)
     gate = HandshakeGate(max_handshakes) if max_handshakes is not None else None
     loop = asyncio.get_running_loop()
+    timeouts = _Timeouts(loop, handshake_timeout, shutdown_timeout)
     if sock is not None:
         if host is not None or port is not None:
             raise ValueError("host/port and sock can not be specified at the same time")
@@ -1048,6 +1115,7 @@ async def create_server(
             on_connection=on_connection,
             handshake_gate=gate,
             server=server,
+            timeouts=timeouts,
         )
 
     server = SocketTLSServer(loop, sockets, make_transport, backlog)
