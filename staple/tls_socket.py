@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import errno
 import logging
 import os
@@ -199,6 +198,10 @@ class _Timeouts:
 
 
 _monotonic: Final = time.monotonic
+_IPPROTO_TCP: Final = socket.IPPROTO_TCP
+_HIGH_WATER: Final = 64 * 1024  # asyncio's default (_FlowControlMixin._set_write_buffer_limits)
+_NO_EXTRA: Final[dict[str, Any]] = {}  # BaseTransport's extra: get_extra_info is ours
+_TCP_NODELAY: Final = socket.TCP_NODELAY
 
 
 class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transport):
@@ -215,6 +218,9 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
     _start_tls_compatible = False
     # _FlowControlMixin's, which typeshed does not declare.
     _loop: asyncio.AbstractEventLoop
+    _protocol_paused: bool
+    _high_water: int
+    _low_water: int
     _maybe_pause_protocol: Callable[[], None]
     _maybe_resume_protocol: Callable[[], None]
 
@@ -232,7 +238,13 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         server: SocketTLSServer | None = None,
         timeouts: _Timeouts | None = None,
     ) -> None:
-        super().__init__(None, loop)
+        # What _FlowControlMixin.__init__(None, loop) sets (asyncio's default write buffer
+        # limits, 64 KiB high, a quarter of it low), without its three calls.
+        self._extra = _NO_EXTRA
+        self._loop = loop
+        self._protocol_paused = False
+        self._high_water = _HIGH_WATER
+        self._low_water = _HIGH_WATER // 4
         self._sock: socket.socket | None = sock
         self._fd = sock.fileno()
         self._server = server
@@ -273,6 +285,7 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         self._write_offset = 0  # into _write_queue[0]
         self._write_size = 0  # plaintext bytes queued
         self._lost_scheduled = False  # connection_lost is on its way
+        self._transport_socket: _asyncio_trsock.TransportSocket | None = None
 
         if server is not None:
             server._attach(*_SERVER_ARG(self))
@@ -421,13 +434,17 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
     def _update_interest(self) -> None:
         """Watch the socket for what is waited for, in WRAPPED and SHUTDOWN."""
         if self._state is TLSState.SHUTDOWN:
-            self._want_read(self._close_notify_sent)
-            self._want_write(bool(self._write_queue) or not self._close_notify_sent)
-            return
-        self._want_read(
-            self._write_wants_read or not (self._app_reading_paused or self._read_wants_write)
-        )
-        self._want_write(self._read_wants_write or bool(self._write_queue))
+            read = self._close_notify_sent
+            write = bool(self._write_queue) or not read
+        else:
+            read = self._write_wants_read or not (
+                self._app_reading_paused or self._read_wants_write
+            )
+            write = self._read_wants_write or bool(self._write_queue)
+        if read is not self._reading:
+            self._want_read(read)
+        if write is not self._writing:
+            self._want_write(write)
 
     # -- handshake
 
@@ -449,12 +466,16 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         try:
             self._ssl.do_handshake()
         except SSL.WantReadError:
-            self._want_write(False)
-            self._want_read(True)
+            if self._writing:
+                self._want_write(False)
+            if not self._reading:
+                self._want_read(True)
             return
         except SSL.WantWriteError:
-            self._want_read(False)
-            self._want_write(True)
+            if self._reading:
+                self._want_read(False)
+            if not self._writing:
+                self._want_write(True)
             return
         except SSL.ZeroReturnError:  # EOF (OP_IGNORE_UNEXPECTED_EOF)
             self._fatal_error(
@@ -700,6 +721,12 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
     # -- BaseTransport
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            if self._sock is None:
+                return default
+            if self._transport_socket is None:
+                self._transport_socket = _asyncio_trsock.TransportSocket(self._sock)
+            return self._transport_socket
         ssl = self._ssl
         if name == "sslcontext":
             return ssl.get_context()
@@ -717,8 +744,6 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         sock = self._sock
         if sock is None:
             return default
-        if name == "socket":
-            return _asyncio_trsock.TransportSocket(sock)
         try:
             if name == "peername":
                 return sock.getpeername()
@@ -955,8 +980,14 @@ class SocketTLSServer(asyncio.Server):
         for sock in self._sockets or ():
             if not self._listening:
                 sock.listen(self._backlog)
-            self._loop.add_reader(sock.fileno(), self._accept, sock)
+            self._loop.add_reader(sock.fileno(), self._accept, sock, self._kind(sock))
         self._listening = True
+
+    @staticmethod
+    def _kind(sock: socket.socket) -> tuple[int, int, int]:
+        # family and type as plain ints: socket.accept() converts them to enums (in Python)
+        # for every connection; this is what it then passes to socket.socket().
+        return int(sock.family), int(sock.type), sock.proto
 
     def close(self) -> None:
         sockets = self._sockets
@@ -975,10 +1006,15 @@ class SocketTLSServer(asyncio.Server):
         if self._active_count == 0:
             self._wakeup()
 
-    def _accept(self, sock: socket.socket) -> None:
+    def _accept(self, sock: socket.socket, kind: tuple[int, int, int] | None = None) -> None:
+        # socket.accept() as the standard library writes it, less its per-connection Python:
+        # the C accept, then the socket object around the new descriptor.
+        accept = sock._accept  # type: ignore[attr-defined]
+        family, type_, proto = kind if kind is not None else self._kind(sock)
+        make_socket = socket.socket
         for _ in range(self._backlog):
             try:
-                conn, _address = sock.accept()
+                fd, _address = accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
@@ -990,14 +1026,17 @@ class SocketTLSServer(asyncio.Server):
                 self._loop.remove_reader(sock.fileno())
                 self._loop.call_later(_ACCEPT_RETRY_DELAY, self._resume_accepting, sock)
                 return
+            conn = make_socket(family, type_, proto, fileno=fd)
             conn.setblocking(False)
-            with contextlib.suppress(OSError):
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:  # noqa: SIM105 - contextlib.suppress costs three Python calls a connection
+                conn.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
+            except OSError:
+                pass
             self._make_transport(conn)
 
     def _resume_accepting(self, sock: socket.socket) -> None:
         if self._serving and self._sockets is not None and sock in self._sockets:
-            self._loop.add_reader(sock.fileno(), self._accept, sock)
+            self._loop.add_reader(sock.fileno(), self._accept, sock, self._kind(sock))
 
 
 async def _listening_sockets(
