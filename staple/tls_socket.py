@@ -89,9 +89,7 @@ _NO_RENEGOTIATION_ALERT: Final = (1 << 8) | 100  # warning level, no_renegotiati
 
 
 # asyncio.Server counts its connections; from 3.13 on it also wants to know which.
-_SERVER_ARG: Final[Callable[[object], tuple[object, ...]]] = (
-    (lambda transport: (transport,)) if sys.version_info >= (3, 13) else (lambda transport: ())
-)
+_SERVER_WANTS_TRANSPORT: Final = sys.version_info >= (3, 13)
 
 
 # OP_IGNORE_UNEXPECTED_EOF: a TCP EOF without close_notify reads as one (ZeroReturnError).
@@ -288,7 +286,10 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         self._transport_socket: _asyncio_trsock.TransportSocket | None = None
 
         if server is not None:
-            server._attach(*_SERVER_ARG(self))
+            if _SERVER_WANTS_TRANSPORT:
+                server._attach(self)
+            else:
+                server._attach()
         gate = handshake_gate
         if gate is not None and gate.active >= gate.limit:
             # Too many handshakes in progress (slowloris): refuse at once, before the handshake
@@ -856,6 +857,12 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
                     self._on_shutdown_complete()
                     return
                 self._close_notify_sent = True
+                if not ssl.pending():
+                    # OpenSSL holds nothing of the peer's (it reads a record at a time, as
+                    # needed): its close_notify, when it comes, makes the socket readable. Wait
+                    # for that rather than read now, which almost always finds nothing.
+                    self._update_interest()
+                    return
             while True:  # discard application data until the peer's close_notify
                 ssl.recv(_RECORD)
         except SSL.WantReadError:
@@ -940,7 +947,10 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
                 sock.close()
             server, self._server = self._server, None
             if server is not None:
-                server._detach(*_SERVER_ARG(self))
+                if _SERVER_WANTS_TRANSPORT:
+                    server._detach(self)
+                else:
+                    server._detach()
 
 
 class SocketTLSServer(asyncio.Server):
