@@ -18,7 +18,8 @@ Theory of operation
   readiness OpenSSL asks for (``WantReadError``: readable; ``WantWriteError``: writable).
   Handshake timeout, ``max_handshakes``, ``on_connection`` and the two lifecycles
   (:class:`~staple.tls.TLSState`, :class:`~staple.tls.AppState`, changed only in
-  ``_set_state``) are those of the memory-BIO transport.
+  ``_set_state``) are those of the memory-BIO transport. The handshake and shutdown timeouts
+  are one timer per server, not one per connection (:class:`_Deadlines`).
 * **Data.** Readable: records are decrypted 16 KiB at a time until OpenSSL wants more, then
   handed to the application in one call (``recv_into`` its buffers for a
   ``BufferedProtocol``). ``write`` encrypts and sends at once; what the socket does not take
@@ -44,12 +45,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import errno
 import logging
 import os
 import socket
 import sys
+import time
 import warnings
 from asyncio import constants as _asyncio_constants
 from asyncio import transports as _asyncio_transports
@@ -88,9 +89,7 @@ _NO_RENEGOTIATION_ALERT: Final = (1 << 8) | 100  # warning level, no_renegotiati
 
 
 # asyncio.Server counts its connections; from 3.13 on it also wants to know which.
-_SERVER_ARG: Final[Callable[[object], tuple[object, ...]]] = (
-    (lambda transport: (transport,)) if sys.version_info >= (3, 13) else (lambda transport: ())
-)
+_SERVER_WANTS_TRANSPORT: Final = sys.version_info >= (3, 13)
 
 
 # OP_IGNORE_UNEXPECTED_EOF: a TCP EOF without close_notify reads as one (ZeroReturnError).
@@ -129,6 +128,80 @@ def _os_error(exc: SSL.SysCallError) -> BaseException:
     return exc
 
 
+class _Deadlines:
+    """Connections that must leave a state within ``timeout`` seconds: one timer for all.
+
+    A ``call_later`` per connection costs a timer handle, a heap push and a cancel each time
+    (on asyncio's loop the heap compares handles in Python, a dozen times a connection with
+    the timers of many connections waiting in it). Here a connection is one dictionary entry,
+    added and removed in C. Every entry gets the same timeout, so insertion order is deadline
+    order: one timer, armed for the oldest entry, ends the connections past their deadline
+    and re-arms for the next one - as exact as a timer per connection.
+    """
+
+    __slots__ = ("_expire", "_loop", "_timer", "pending", "timeout")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+        expire: Callable[[SocketTLSTransport], None],
+    ) -> None:
+        self._loop = loop
+        self.timeout = timeout
+        self._expire = expire
+        self.pending: dict[SocketTLSTransport, float] = {}  # deadline, time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, transport: SocketTLSTransport) -> None:
+        self.pending[transport] = _monotonic() + self.timeout
+        if self._timer is None:
+            self._timer = self._loop.call_later(self.timeout, self._sweep)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        pending = self.pending
+        now = _monotonic()
+        expired: list[SocketTLSTransport] = []
+        for transport, deadline in pending.items():
+            if deadline > now:
+                self._timer = self._loop.call_later(deadline - now, self._sweep)
+                break
+            expired.append(transport)
+        for transport in expired:
+            del pending[transport]
+        for transport in expired:
+            try:
+                self._expire(transport)
+            except Exception as exc:  # one failure must not spare the others
+                self._loop.call_exception_handler(
+                    {"message": "TLS timeout handling failed", "exception": exc}
+                )
+
+
+class _Timeouts:
+    """The handshake and shutdown deadlines of a server's connections (or of one)."""
+
+    __slots__ = ("handshake", "shutdown")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, handshake_timeout: float, shutdown_timeout: float
+    ) -> None:
+        self.handshake = _Deadlines(
+            loop, handshake_timeout, SocketTLSTransport._check_handshake_timeout
+        )
+        self.shutdown = _Deadlines(
+            loop, shutdown_timeout, SocketTLSTransport._check_shutdown_timeout
+        )
+
+
+_monotonic: Final = time.monotonic
+_IPPROTO_TCP: Final = socket.IPPROTO_TCP
+_HIGH_WATER: Final = 64 * 1024  # asyncio's default (_FlowControlMixin._set_write_buffer_limits)
+_NO_EXTRA: Final[dict[str, Any]] = {}  # BaseTransport's extra: get_extra_info is ours
+_TCP_NODELAY: Final = socket.TCP_NODELAY
+
+
 class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transport):
     """One TLS connection on its own socket: a complete :class:`asyncio.Transport`.
 
@@ -143,6 +216,9 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
     _start_tls_compatible = False
     # _FlowControlMixin's, which typeshed does not declare.
     _loop: asyncio.AbstractEventLoop
+    _protocol_paused: bool
+    _high_water: int
+    _low_water: int
     _maybe_pause_protocol: Callable[[], None]
     _maybe_resume_protocol: Callable[[], None]
 
@@ -158,14 +234,25 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         on_connection: Callable[[Any], None] | None = None,
         handshake_gate: HandshakeGate | None = None,
         server: SocketTLSServer | None = None,
+        timeouts: _Timeouts | None = None,
     ) -> None:
-        super().__init__(None, loop)
+        # What _FlowControlMixin.__init__(None, loop) sets (asyncio's default write buffer
+        # limits, 64 KiB high, a quarter of it low), without its three calls.
+        self._extra = _NO_EXTRA
+        self._loop = loop
+        self._protocol_paused = False
+        self._high_water = _HIGH_WATER
+        self._low_water = _HIGH_WATER // 4
         self._sock: socket.socket | None = sock
         self._fd = sock.fileno()
         self._server = server
         self._gate = handshake_gate
-        self._handshake_timeout = handshake_timeout
-        self._shutdown_timeout = shutdown_timeout
+        # A server's connections share its timers; a transport made on its own has its own.
+        self._timeouts = (
+            timeouts
+            if timeouts is not None
+            else _Timeouts(loop, handshake_timeout, shutdown_timeout)
+        )
 
         ssl = SSL.Connection(ssl_context, sock)
         ssl.set_accept_state()
@@ -182,8 +269,6 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         self._close_callbacks: list[Callable[[], None]] | None = None
         self._status_requested = False  # the client asked for a staple (note_status_request)
         self._close_exc: BaseException | None = None
-        self._handshake_timeout_handle: asyncio.TimerHandle | None = None
-        self._shutdown_timeout_handle: asyncio.TimerHandle | None = None
         self._conn_lost_writes = 0
         self._renegotiation_alert = False
 
@@ -198,9 +283,13 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         self._write_offset = 0  # into _write_queue[0]
         self._write_size = 0  # plaintext bytes queued
         self._lost_scheduled = False  # connection_lost is on its way
+        self._transport_socket: _asyncio_trsock.TransportSocket | None = None
 
         if server is not None:
-            server._attach(*_SERVER_ARG(self))
+            if _SERVER_WANTS_TRANSPORT:
+                server._attach(self)
+            else:
+                server._attach()
         gate = handshake_gate
         if gate is not None and gate.active >= gate.limit:
             # Too many handshakes in progress (slowloris): refuse at once, before the handshake
@@ -254,12 +343,20 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         if new_state not in _NEXT[old._value_]:
             raise RuntimeError(f"cannot switch state from {old} to {new_state}")
         if is_tls:
+            # The handshake and shutdown deadlines and the handshake gate follow the state.
             gate = self._gate
-            if gate is not None:
-                if new_state is TLSState.DO_HANDSHAKE:
+            if new_state is TLSState.DO_HANDSHAKE:
+                self._timeouts.handshake.add(self)
+                if gate is not None:
                     gate.active += 1
-                elif self._state is TLSState.DO_HANDSHAKE:
+            elif old is TLSState.DO_HANDSHAKE:
+                self._timeouts.handshake.pending.pop(self, None)  # unless the sweep took it
+                if gate is not None:
                     gate.active -= 1
+            elif old is TLSState.SHUTDOWN:
+                self._timeouts.shutdown.pending.pop(self, None)
+            if new_state is TLSState.SHUTDOWN:
+                self._timeouts.shutdown.add(self)
             self._state = new_state  # type: ignore[assignment]
             if new_state is TLSState.SHUTDOWN or new_state is TLSState.CLOSED:
                 self._release()
@@ -271,11 +368,8 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         return app_state is AppState.CON_MADE or app_state is AppState.EOF
 
     def _release(self) -> None:
-        """The connection is ending: stop the handshake timer, run call_when_closed callbacks."""
+        """The connection is ending: run the call_when_closed callbacks."""
         self._closed = True
-        if self._handshake_timeout_handle is not None:
-            self._handshake_timeout_handle.cancel()
-            self._handshake_timeout_handle = None
         if self._released:
             return
         self._released = True
@@ -341,29 +435,30 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
     def _update_interest(self) -> None:
         """Watch the socket for what is waited for, in WRAPPED and SHUTDOWN."""
         if self._state is TLSState.SHUTDOWN:
-            self._want_read(self._close_notify_sent)
-            self._want_write(bool(self._write_queue) or not self._close_notify_sent)
-            return
-        self._want_read(
-            self._write_wants_read or not (self._app_reading_paused or self._read_wants_write)
-        )
-        self._want_write(self._read_wants_write or bool(self._write_queue))
+            read = self._close_notify_sent
+            write = bool(self._write_queue) or not read
+        else:
+            read = self._write_wants_read or not (
+                self._app_reading_paused or self._read_wants_write
+            )
+            write = self._read_wants_write or bool(self._write_queue)
+        if read is not self._reading:
+            self._want_read(read)
+        if write is not self._writing:
+            self._want_write(write)
 
     # -- handshake
 
     def _start_handshake(self) -> None:
-        self._set_state(TLSState.DO_HANDSHAKE)
-        self._handshake_timeout_handle = self._loop.call_later(
-            self._handshake_timeout, self._check_handshake_timeout
-        )
+        self._set_state(TLSState.DO_HANDSHAKE)  # the handshake deadline starts
         self._do_handshake()  # the ClientHello has usually arrived already
 
     def _check_handshake_timeout(self) -> None:
-        self._handshake_timeout_handle = None
         if self._state is TLSState.DO_HANDSHAKE:
             self._fatal_error(
                 ConnectionAbortedError(
-                    f"TLS handshake is taking longer than {self._handshake_timeout} seconds: "
+                    "TLS handshake is taking longer than "
+                    f"{self._timeouts.handshake.timeout} seconds: "
                     "aborting the connection"
                 ),
             )
@@ -372,12 +467,16 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         try:
             self._ssl.do_handshake()
         except SSL.WantReadError:
-            self._want_write(False)
-            self._want_read(True)
+            if self._writing:
+                self._want_write(False)
+            if not self._reading:
+                self._want_read(True)
             return
         except SSL.WantWriteError:
-            self._want_read(False)
-            self._want_write(True)
+            if self._reading:
+                self._want_read(False)
+            if not self._writing:
+                self._want_write(True)
             return
         except SSL.ZeroReturnError:  # EOF (OP_IGNORE_UNEXPECTED_EOF)
             self._fatal_error(
@@ -396,9 +495,6 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         self._on_handshake_complete()
 
     def _on_handshake_complete(self) -> None:
-        if self._handshake_timeout_handle is not None:
-            self._handshake_timeout_handle.cancel()
-            self._handshake_timeout_handle = None
         self._set_state(TLSState.WRAPPED)
         _tls._handshake_counted(self._ssl, self._status_requested)
         if _OP_NO_RENEGOTIATION and self._ssl.get_protocol_version() < SSL.TLS1_3_VERSION:
@@ -626,6 +722,12 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
     # -- BaseTransport
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            if self._sock is None:
+                return default
+            if self._transport_socket is None:
+                self._transport_socket = _asyncio_trsock.TransportSocket(self._sock)
+            return self._transport_socket
         ssl = self._ssl
         if name == "sslcontext":
             return ssl.get_context()
@@ -643,8 +745,6 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         sock = self._sock
         if sock is None:
             return default
-        if name == "socket":
-            return _asyncio_trsock.TransportSocket(sock)
         try:
             if name == "peername":
                 return sock.getpeername()
@@ -742,10 +842,7 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         if state is not TLSState.WRAPPED:
             self.abort()  # no TLS session to close yet
             return
-        self._set_state(TLSState.SHUTDOWN)
-        self._shutdown_timeout_handle = self._loop.call_later(
-            self._shutdown_timeout, self._check_shutdown_timeout
-        )
+        self._set_state(TLSState.SHUTDOWN)  # the shutdown deadline starts
         if self._write_queue:
             self._update_interest()  # close_notify follows the queue (_flush)
         else:
@@ -760,6 +857,12 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
                     self._on_shutdown_complete()
                     return
                 self._close_notify_sent = True
+                if not ssl.pending():
+                    # OpenSSL holds nothing of the peer's (it reads a record at a time, as
+                    # needed): its close_notify, when it comes, makes the socket readable. Wait
+                    # for that rather than read now, which almost always finds nothing.
+                    self._update_interest()
+                    return
             while True:  # discard application data until the peer's close_notify
                 ssl.recv(_RECORD)
         except SSL.WantReadError:
@@ -777,7 +880,6 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
             self._fatal_error(exc, "TLS error during shutdown")
 
     def _check_shutdown_timeout(self) -> None:
-        self._shutdown_timeout_handle = None
         if self._sock is None:
             return
         logger.debug("%r: TLS shutdown timed out, aborting", self)
@@ -824,10 +926,6 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         if self._sock is None or self._lost_scheduled:
             return
         self._lost_scheduled = True
-        for handle in (self._handshake_timeout_handle, self._shutdown_timeout_handle):
-            if handle is not None:
-                handle.cancel()
-        self._handshake_timeout_handle = self._shutdown_timeout_handle = None
         self._want_read(False)
         self._want_write(False)
         self._write_queue.clear()
@@ -849,7 +947,10 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
                 sock.close()
             server, self._server = self._server, None
             if server is not None:
-                server._detach(*_SERVER_ARG(self))
+                if _SERVER_WANTS_TRANSPORT:
+                    server._detach(self)
+                else:
+                    server._detach()
 
 
 class SocketTLSServer(asyncio.Server):
@@ -889,8 +990,14 @@ class SocketTLSServer(asyncio.Server):
         for sock in self._sockets or ():
             if not self._listening:
                 sock.listen(self._backlog)
-            self._loop.add_reader(sock.fileno(), self._accept, sock)
+            self._loop.add_reader(sock.fileno(), self._accept, sock, self._kind(sock))
         self._listening = True
+
+    @staticmethod
+    def _kind(sock: socket.socket) -> tuple[int, int, int]:
+        # family and type as plain ints: socket.accept() converts them to enums (in Python)
+        # for every connection; this is what it then passes to socket.socket().
+        return int(sock.family), int(sock.type), sock.proto
 
     def close(self) -> None:
         sockets = self._sockets
@@ -909,10 +1016,15 @@ class SocketTLSServer(asyncio.Server):
         if self._active_count == 0:
             self._wakeup()
 
-    def _accept(self, sock: socket.socket) -> None:
+    def _accept(self, sock: socket.socket, kind: tuple[int, int, int] | None = None) -> None:
+        # socket.accept() as the standard library writes it, less its per-connection Python:
+        # the C accept, then the socket object around the new descriptor.
+        accept = sock._accept  # type: ignore[attr-defined]
+        family, type_, proto = kind if kind is not None else self._kind(sock)
+        make_socket = socket.socket
         for _ in range(self._backlog):
             try:
-                conn, _address = sock.accept()
+                fd, _address = accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
@@ -924,14 +1036,17 @@ class SocketTLSServer(asyncio.Server):
                 self._loop.remove_reader(sock.fileno())
                 self._loop.call_later(_ACCEPT_RETRY_DELAY, self._resume_accepting, sock)
                 return
+            conn = make_socket(family, type_, proto, fileno=fd)
             conn.setblocking(False)
-            with contextlib.suppress(OSError):
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:  # noqa: SIM105 - contextlib.suppress costs three Python calls a connection
+                conn.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
+            except OSError:
+                pass
             self._make_transport(conn)
 
     def _resume_accepting(self, sock: socket.socket) -> None:
         if self._serving and self._sockets is not None and sock in self._sockets:
-            self._loop.add_reader(sock.fileno(), self._accept, sock)
+            self._loop.add_reader(sock.fileno(), self._accept, sock, self._kind(sock))
 
 
 async def _listening_sockets(
@@ -1010,6 +1125,7 @@ async def create_server(
     shutdown_timeout = _tls._check_timeout("shutdown_timeout", shutdown_timeout)
     gate = HandshakeGate(max_handshakes) if max_handshakes is not None else None
     loop = asyncio.get_running_loop()
+    timeouts = _Timeouts(loop, handshake_timeout, shutdown_timeout)
     if sock is not None:
         if host is not None or port is not None:
             raise ValueError("host/port and sock can not be specified at the same time")
@@ -1048,6 +1164,7 @@ async def create_server(
             on_connection=on_connection,
             handshake_gate=gate,
             server=server,
+            timeouts=timeouts,
         )
 
     server = SocketTLSServer(loop, sockets, make_transport, backlog)

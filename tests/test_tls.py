@@ -1123,6 +1123,39 @@ def test_peer_reset(run: Run, pki: PKI) -> None:
 # -- handshake failures ----------------------------------------------------------------------
 
 
+def test_handshake_timeouts_of_many_connections(run: Run, pki: PKI) -> None:
+    """Each silent connection ends at its own deadline, and one that completed its handshake
+    is not touched (the socket transport times them all with one timer per server)."""
+
+    async def main() -> None:
+        apps, factory = collecting(App)
+        async with serving(factory, server_context(pki), handshake_timeout=0.3) as port:
+            silent = [await asyncio.open_connection(HOST, port)]
+            reader, writer = await stdlib_connect(port, client_context(pki))
+            served = await apps[1].made
+            timeouts = getattr(served, "_timeouts", None)  # the socket transport's deadlines
+            if timeouts is not None:
+                assert served not in timeouts.handshake.pending  # left with its handshake
+            await asyncio.sleep(0.1)
+            silent.append(await asyncio.open_connection(HOST, port))
+            await asyncio.sleep(0.1)
+            silent.append(await asyncio.open_connection(HOST, port))
+            for silent_reader, silent_writer in silent:
+                assert await read_to_eof(silent_reader) == b""
+                silent_writer.close()
+            await asyncio.sleep(0.35)  # past the served connection's handshake deadline too
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            await stdlib_close(writer)
+            await apps[1].lost
+            assert [app.made.done() for app in apps] == [False, True, False, False]
+            if timeouts is not None:  # they hold no one now
+                assert not timeouts.handshake.pending
+                assert not timeouts.shutdown.pending
+
+    run(main())
+
+
 def test_handshake_timeout(run: Run, pki: PKI) -> None:
     async def main() -> None:
         apps, factory = collecting(App)
