@@ -1,7 +1,9 @@
 """``python -m bench [SECTION ...] [--quick] [--json FILE]``: run, print a table, write JSON.
 
 Sections (all by default, in this order): ``getter`` (get_context + free, the OCSP callback,
-validation), ``handshakes`` (staple.tls + aiohttp vs stdlib ssl + aiohttp), ``stapling`` (what
+validation), ``handshakes`` (staple.tls + aiohttp vs stdlib ssl + aiohttp), ``instructions``
+(the same under callgrind), ``calls`` (Python calls and allocations per new connection),
+``tlslayer`` (the TLS layers alone), ``stapling`` (what
 stapling costs a handshake, and where), ``bulk`` (200 MB down and up), ``scale`` (10,000 chains
 against a responder in another process), ``nginx`` (``staple serve`` vs nginx), ``servers``
 (staple.uvicorn, staple.gunicorn and staple.aiohttp vs the same servers on stdlib ssl),
@@ -30,6 +32,7 @@ from . import (
     _env,
     _proc,
     bulk,
+    calls,
     core,
     e2e,
     handshakes,
@@ -48,6 +51,7 @@ SECTIONS: dict[str, Callable[[Bench], Awaitable[Section]]] = {
     "getter": core.run,
     "handshakes": handshakes.run,
     "instructions": instructions.run,
+    "calls": calls.run,
     "tlslayer": tlslayer.run,
     "stapling": stapling.run,
     "bulk": bulk.run,

@@ -106,7 +106,7 @@ def _rows(
     rate = Ratio.of([t.rate for t in staple], [t.rate for t in stdlib])
     cpu = Ratio.of([t.cpu_ms_per_mb for t in staple], [t.cpu_ms_per_mb for t in stdlib])
     label = f"{direction} {nbytes // 1_000_000} MB, {loop}"
-    name = "staple" if variant == "staple" else "staple on a socket BIO"
+    name = "staple on memory BIOs" if variant == "staple" else "staple on a socket BIO"
     target = TARGETS[direction]
     section.rows.append(
         Row(

@@ -7,9 +7,9 @@ In one process, a real server on loopback takes ``N`` connections from a client 
 process (pyOpenSSL, one connection at a time: full handshake asking for a staple, ``GET /``
 with ``Connection: close``, read to the end, close_notify, close). The server is, in turn:
 
-- ``socket``: :class:`staple.aiohttp.StaplingSite` ``transport="socket"``,
+- ``socket``: :class:`staple.aiohttp.StaplingSite` ``transport="socket"`` (the default),
   stapling a small pre-signed response through a :class:`~staple.Stapler`;
-- ``memory``: the same site on the memory-BIO transport (the default);
+- ``memory``: the same site on the memory-BIO transport;
 - ``stdlib``: aiohttp's ``TCPSite`` with an ``ssl.SSLContext`` (asyncio's sslproto).
 
 All three serve the same aiohttp app (``bench._server.app``, ``GET /`` answers ``ok``), or with

@@ -78,7 +78,7 @@ def _rows(
     section.rows.append(
         Row(
             "handshakes",
-            f"server CPU/handshake staple÷stdlib — {label}",
+            f"server CPU/handshake staple on memory BIOs÷stdlib — {label}",
             f"{cpu}  [{s_us:,.0f} vs {b_us:,.0f} µs]",
             f"≤ {target:.2f}×",
             round(cpu.median, 2) <= target,
@@ -121,7 +121,7 @@ def _rows(
     section.rows.append(
         Row(
             "handshakes",
-            f"handshakes/s staple÷stdlib — {label}",
+            f"handshakes/s staple on memory BIOs÷stdlib — {label}",
             f"{rate}  [{s_rate:,.0f} vs {b_rate:,.0f}/s, server busy {busy:.2f} cores]",
             "",
             None,

@@ -79,7 +79,7 @@ def _rows(section: Section, label: str, per: dict[str, tuple[float, int]]) -> No
     section.rows += [
         Row(
             "instructions",
-            f"instructions/handshake staple÷stdlib — {label}",
+            f"instructions/handshake staple on memory BIOs÷stdlib — {label}",
             f"{staple / stdlib:.3f}×  [{staple / 1e6:.2f} M vs {stdlib / 1e6:.2f} M]",
             "",
             None,
