@@ -50,7 +50,7 @@ from aiohttp.web_runner import GracefulExit
 from OpenSSL import SSL
 from yarl import URL
 
-from . import tls
+from . import tls, tls_socket
 from .chain import ChainInput
 from .errors import ChainError, OcspError
 from .handle import OnUpdate, ResponderUrls, ServerOcspResponse
@@ -170,7 +170,6 @@ class StaplingSite(web.BaseSite):
                 ssl_context=self._tls_context,
                 handshake_timeout=self._handshake_timeout,
                 shutdown_timeout=self._tls_shutdown_timeout,
-                on_connection=self._on_connection,
                 max_handshakes=self._max_handshakes,
                 transport="socket",
                 sock=self._sock,
@@ -214,10 +213,18 @@ class StaplingSite(web.BaseSite):
         # Handshakes in progress have no aiohttp handler yet, so no one else will end them.
         # A connection accepted but not yet connected is caught by _on_connection.
         self._stopping = True
-        for transport in list(self._transports):
-            if transport.tls_state is tls.TLSState.DO_HANDSHAKE:
-                transport.abort()
+        for transport in self._handshaking():
+            transport.abort()
         await super().stop()
+
+    def _handshaking(self) -> list[Any]:
+        """The connections still in the TLS handshake. The socket transport's server knows
+        them (and accepts nothing once closed, which follows in the same step); the memory
+        transport's connections are tracked one by one."""
+        server = self._server
+        if isinstance(server, tls_socket.SocketTLSServer):
+            return server.handshaking()
+        return [t for t in self._transports if t.tls_state is tls.TLSState.DO_HANDSHAKE]
 
 
 def setup(app: web.Application, stapler: Stapler) -> None:

@@ -978,10 +978,16 @@ class SocketTLSServer(asyncio.Server):
         sockets: list[socket.socket],
         make_transport: Callable[[socket.socket], object],
         backlog: int,
+        timeouts: _Timeouts | None = None,
     ) -> None:
         super().__init__(loop, sockets, None, None, backlog, None)  # type: ignore[arg-type]
         self._make_transport = make_transport
         self._listening = False
+        self._timeouts = timeouts
+
+    def handshaking(self) -> list[SocketTLSTransport]:
+        """The connections still in the TLS handshake (no application protocol sees them)."""
+        return [] if self._timeouts is None else list(self._timeouts.handshake.pending)
 
     def _start_serving(self) -> None:
         if self._serving:
@@ -1167,7 +1173,7 @@ async def create_server(
             timeouts=timeouts,
         )
 
-    server = SocketTLSServer(loop, sockets, make_transport, backlog)
+    server = SocketTLSServer(loop, sockets, make_transport, backlog, timeouts)
     if start_serving:
         server._start_serving()
         await asyncio.sleep(0)

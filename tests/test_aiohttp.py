@@ -367,8 +367,8 @@ async def test_shutdown_aborts_a_connection_stuck_in_the_handshake(
     reader, writer = await asyncio.open_connection(HOST, site.port)  # says nothing
     try:
         # The site has accepted it (it tracks handshakes that aiohttp cannot see).
-        await until(lambda: len(site._transports) == 1)
-        (transport,) = list(site._transports)
+        await until(lambda: len(site._handshaking()) == 1)
+        (transport,) = site._handshaking()
         states = [transport.tls_state]
         async with asyncio.timeout(5):  # aiohttp's own shutdown_timeout is 60 s
             if how == "site.stop":
