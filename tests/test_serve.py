@@ -715,6 +715,7 @@ def test_small_files_stay_within_budget(tmp_path, monkeypatch) -> None:
 # -- event loops -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a real process
 @pytest.mark.parametrize(
     ("loop", "expected"), [("asyncio", "asyncio"), ("uvloop", "uvloop"), ("auto", "uvloop")]
 )
@@ -873,6 +874,7 @@ async def test_port_in_use_exits_2(pki, responder, tmp_path, capsys) -> None:
     assert "cannot listen on" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a real process
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_subprocess_until_signal(pki, responder, tmp_path, sig) -> None:
     """``python -m staple serve`` as a user runs it; ``--responder`` replaces the missing AIA."""
@@ -940,6 +942,7 @@ async def test_demo_check_fails_when_a_check_fails(monkeypatch) -> None:
     assert "demo checks: FAILED (openssl)" in text
 
 
+@pytest.mark.slow  # a real process
 async def test_demo_serves_until_interrupted() -> None:
     """``staple demo`` (what ``make demo`` runs) as a subprocess: serve, answer, Ctrl-C, exit 0."""
     proc = await asyncio.create_subprocess_exec(
