@@ -166,18 +166,9 @@ def client_main(port: int, warm: int, count: int, tls: str) -> None:
     then one JSON line: connections made, staples received."""
     from OpenSSL import SSL
 
-    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    ctx.set_verify(SSL.VERIFY_NONE, lambda *args: True)
-    version = SSL.TLS1_3_VERSION if tls == "1.3" else SSL.TLS1_2_VERSION
-    ctx.set_min_proto_version(version)
-    ctx.set_max_proto_version(version)
-    staples: list[int] = []
+    from .tlslayer import _client as client_context
 
-    def seen(conn: SSL.Connection, der: bytes, data: object) -> bool:
-        staples.append(len(der))
-        return True
-
-    ctx.set_ocsp_client_callback(seen)
+    ctx, staples = client_context(tls)
 
     def one() -> None:
         sock = socket.create_connection(("127.0.0.1", port))
