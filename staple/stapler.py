@@ -32,7 +32,7 @@ from .policy import RefreshPolicy
 from .proxy import ProxyOption, ProxySettings
 from .stats import FetchStats
 from .store import MemoryStore, Store
-from .tls import _live, count_handshakes
+from .tls import call_when_closed, count_handshakes, note_status_request
 
 __all__ = ["MustStaple", "StapleRefused", "Stapler"]
 
@@ -241,15 +241,7 @@ class Stapler:
 
     def _callback(self, conn: SSL.Connection, data: object) -> bytes:
         try:
-            # One lookup does what tls.note_status_request() and tls.call_when_closed() do:
-            # find the transport of one of ours (None for a connection we did not make).
-            transport = _live.get(id(conn))
-            if transport is not None:
-                if transport._ssl is conn:
-                    # for staple_handshakes_total{outcome="not_requested"}
-                    transport._status_requested = True
-                else:
-                    transport = None
+            note_status_request(conn)  # for staple_handshakes_total{outcome="not_requested"}
             cert = conn.get_certificate()
             if cert is None:
                 return self._problem("the connection has no certificate selected")
@@ -267,12 +259,8 @@ class Stapler:
                 ):
                     raise self._refuse(handle)
                 return b""
-            if transport is None:
+            if not call_when_closed(conn, ctx.free):  # our transport: freed on close
                 weakref.finalize(conn, ctx.free)
-            elif transport._close_callbacks is None:  # freed when the connection ends
-                transport._close_callbacks = [ctx.free]
-            else:
-                transport._close_callbacks.append(ctx.free)
             self.stapled += 1
             return ctx.encoded
         except StapleRefused:
