@@ -79,7 +79,7 @@ class StaplingSite(web.BaseSite):
     """An aiohttp site whose TLS is ``staple.tls`` on a pyOpenSSL context (which can staple).
 
     Connections still in the TLS handshake are invisible to aiohttp's shutdown; the site
-    tracks them and aborts them on :meth:`stop`. With ``sock``, it serves on that socket (bound
+    aborts them on :meth:`stop`. With ``sock``, it serves on that socket (bound
     already, as aiohttp's ``SockSite`` takes it) instead of ``host`` and ``port``.
 
     ``transport`` chooses the TLS transport (see :func:`staple.tls.create_server`): ``"socket"``
@@ -211,7 +211,8 @@ class StaplingSite(web.BaseSite):
 
     async def stop(self) -> None:
         # Handshakes in progress have no aiohttp handler yet, so no one else will end them.
-        # A connection accepted but not yet connected is caught by _on_connection.
+        # On the memory transport, a connection the loop accepted but had not yet handed to
+        # its protocol is caught by _on_connection.
         self._stopping = True
         for transport in self._handshaking():
             transport.abort()
