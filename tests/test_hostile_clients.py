@@ -124,7 +124,9 @@ class World:
     def transports(self) -> list[Any]:
         """The TLS transports of connections whose handshake completed, still open."""
         if self.site is not None:
-            found = list(self.site._transports)
+            server = self.site._runner.server  # aiohttp's: its handlers and their transports
+            assert server is not None
+            found: list[Any] = list(server._connections.values())
         else:
             found = [a.transport for a in self.apps if a.transport is not None]
         return [t for t in found if t.tls_state is not tls.TLSState.CLOSED]
