@@ -764,6 +764,7 @@ async def test_run_app_with_aiohttp_keywords_serves_a_staple(
     assert [h.state for h in stapler.handles] == [HandleState.CLOSED] * 2
 
 
+@pytest.mark.slow  # a real process
 async def test_run_app_until_sigint_in_a_process(
     pki: TestPKI, responder: OcspResponder, tmp_path: Path
 ) -> None:

@@ -106,6 +106,7 @@ async def test_usage_errors(tmp_path) -> None:
     assert code == 2
 
 
+@pytest.mark.slow  # a real process
 async def test_subprocess(chain_path) -> None:
     """The installed entry point, as a user runs it (the responder runs on this loop)."""
     _, path = chain_path

@@ -331,6 +331,7 @@ async def test_notice_landing_during_a_denied_refresh_is_acted_on(
         await store.close()
 
 
+@pytest.mark.slow  # a real process
 async def test_real_processes_fetch_once_per_certificate(pki, responder, redis_server, tmp_path):
     responder.clock = staple.SystemClock()  # the processes run on the real clock
     paths = []

@@ -431,6 +431,7 @@ async def test_gnutls_cli_verifies_the_staple(
     assert f"- Description: ({'TLS1.2' if version == 'tls1.2' else 'TLS1.3'}-X.509)" in out, out
 
 
+@pytest.mark.slow  # a real process
 @pytest.mark.external
 @pytest.mark.parametrize("profile", ["intermediate", "modern"])
 async def test_staple_serve_tls_profile(pki, responder, tmp_path, profile) -> None:
