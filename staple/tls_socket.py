@@ -197,8 +197,6 @@ class _Timeouts:
 
 _monotonic: Final = time.monotonic
 _IPPROTO_TCP: Final = socket.IPPROTO_TCP
-_HIGH_WATER: Final = 64 * 1024  # asyncio's default (_FlowControlMixin._set_write_buffer_limits)
-_NO_EXTRA: Final[dict[str, Any]] = {}  # BaseTransport's extra: get_extra_info is ours
 _TCP_NODELAY: Final = socket.TCP_NODELAY
 
 
@@ -236,13 +234,7 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         server: SocketTLSServer | None = None,
         timeouts: _Timeouts | None = None,
     ) -> None:
-        # What _FlowControlMixin.__init__(None, loop) sets (asyncio's default write buffer
-        # limits, 64 KiB high, a quarter of it low), without its three calls.
-        self._extra = _NO_EXTRA
-        self._loop = loop
-        self._protocol_paused = False
-        self._high_water = _HIGH_WATER
-        self._low_water = _HIGH_WATER // 4
+        super().__init__(None, loop)  # asyncio's default write buffer limits
         self._sock: socket.socket | None = sock
         self._fd = sock.fileno()
         self._server = server
