@@ -7,8 +7,9 @@ the lifespan protocol, so uvicorn and gunicorn start it without a warning.
 ``python -m bench._apps KIND CHAIN KEY PORT STORE_DIR [LOOP | TRANSPORT]`` runs one of the
 servers that have no command line of their own, on 127.0.0.1 until SIGTERM:
 
-- ``staple-uvicorn``: ``staple.uvicorn.run(asgi, certs=[(CHAIN, KEY)], workers=1, loop=LOOP)``
-  (``LOOP``: uvicorn's ``--loop``, ``auto`` by default);
+- ``staple-uvicorn``: ``staple.uvicorn.run(asgi, certs=[(CHAIN, KEY)], workers=1, loop=LOOP,
+  transport=TRANSPORT)`` (``LOOP``: uvicorn's ``--loop``, ``auto`` by default; ``TRANSPORT``:
+  ``socket`` by default, or ``memory``);
 - ``staple-aiohttp``: ``staple.aiohttp.run_app(aiohttp_app(), certs=[(CHAIN, KEY)])``;
 - ``aiohttp``: ``aiohttp.web.run_app(aiohttp_app(), ssl_context=<stdlib ssl.SSLContext>)``;
 - ``staple-aiohttp-server``: :class:`staple.aiohttp.StaplingServer` (what ``run_app`` runs,
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             port=port,
             workers=1,
             loop=rest[0] if rest else "auto",
+            transport=rest[1] if len(rest) > 1 else "socket",
             log_level="warning",
             access_log=False,
         )

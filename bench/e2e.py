@@ -15,8 +15,8 @@ JSON body with a ``Content-Length``):
   run_app`` on plain HTTP; ``StaplingServer`` (its ``StaplingSite``) on the memory transport;
   the same on the socket transport; the app alone on plain HTTP (the floor).
 - **ASGI** (a raw ASGI callable on uvicorn, ``--loop auto --http auto``: uvloop and httptools
-  when installed): nginx + ``uvicorn`` on plain HTTP; ``staple.uvicorn.run`` (memory
-  transport: uvicorn's protocol runs on it, ASGI apps refuse the socket one); uvicorn alone on
+  when installed): nginx + ``uvicorn`` on plain HTTP; ``staple.uvicorn.run`` on the memory
+  transport; the same on the socket transport (the default); uvicorn alone on
   plain HTTP (the floor).
 
 nginx is configured as it is recommended in front of an app (``upstream`` with ``keepalive 32``,
@@ -125,7 +125,18 @@ def apps() -> list[App]:
             "uvicorn",
             f"ASGI app on uvicorn, {loop}, {http}",
             Variant("uvicorn alone, plain HTTP", _uvicorn_plain),
-            [Variant("staple.uvicorn.run (memory)", apps_argv("staple-uvicorn"), stapling=True)],
+            [
+                Variant(
+                    "staple.uvicorn.run (memory)",
+                    apps_argv("staple-uvicorn", "auto", "memory"),
+                    stapling=True,
+                ),
+                Variant(
+                    "staple.uvicorn.run (socket)",
+                    apps_argv("staple-uvicorn", "auto", "socket"),
+                    stapling=True,
+                ),
+            ],
         ),
     ]
 

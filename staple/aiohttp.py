@@ -152,6 +152,12 @@ class StaplingSite(web.BaseSite):
         return self._max_handshakes
 
     @property
+    def server(self) -> asyncio.AbstractServer | None:
+        """The listening server once started: a :class:`staple.tls_socket.SocketTLSServer`,
+        or on the memory transport the loop's ``asyncio.Server``."""
+        return self._server
+
+    @property
     def name(self) -> str:
         host = self._host or "0.0.0.0"
         if self._sock is not None:

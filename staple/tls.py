@@ -27,10 +27,10 @@ every 16 KiB record with its own ``send()``, so downloads cost a few per cent mo
 
 The memory transport remains where a socket BIO cannot work: where the loop creates the
 connection and hands a protocol factory its transport, i.e. :func:`server_protocol_factory`
-with ``loop.create_server``, and uvicorn
-(:mod:`staple.uvicorn` subclasses :class:`TLSServerProtocol`, as uvicorn's own servers run its
-protocol factory); and anything that is not a socket of its own (pipes, a transport that
-already wraps the socket).
+with ``loop.create_server``; and anything that is not a socket of its own (pipes, a transport
+that already wraps the socket). :mod:`staple.uvicorn` listens itself on the socket transport
+(uvicorn still runs its lifespan, protocols and shutdown), and on ``transport="memory"`` wraps
+uvicorn's protocol in :class:`TLSServerProtocol` under uvicorn's own listener.
 
 Theory of operation
 -------------------

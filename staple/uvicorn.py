@@ -13,24 +13,32 @@ For code that drives uvicorn itself (a gunicorn worker, ``await server.serve()``
 
 How it hooks into uvicorn
 -------------------------
-No part of uvicorn's startup is copied. ``uvicorn.Server.startup`` makes each connection's
-protocol as ``config.http_protocol_class(config=, server_state=, app_state=, _loop=)`` (set by
-``Config.load()`` from ``http=``) and listens with ``ssl=config.ssl``, which is ``None`` here.
-:class:`Server` replaces ``config.http_protocol_class``, after ``load()`` and before uvicorn's
-startup, with a :class:`~staple.tls.TLSServerProtocol` subclass taking the same arguments: it
-makes uvicorn's protocol and hands it the :class:`~staple.tls.TLSTransport` once the handshake
-has completed. So host/port, ``uds``, ``fd`` and gunicorn's sockets all get stapling TLS.
+No part of uvicorn's startup is copied. uvicorn makes each connection's protocol as
+``config.http_protocol_class(config=, server_state=, app_state=, _loop=)`` (set by
+``Config.load()`` from ``http=``). On the default socket transport (:mod:`staple.tls_socket`:
+OpenSSL reads and writes the accepted socket itself), :class:`Server` runs uvicorn's startup
+with ``sockets=[]``, so uvicorn runs the lifespan but listens on nothing, then listens itself
+on what uvicorn would have (host/port, ``uds``, ``fd``, or the ``sockets`` a gunicorn worker
+passes) with :func:`staple.tls_socket.create_server`, making uvicorn's protocol the same way,
+and puts those servers in ``Server.servers``, which uvicorn's shutdown closes and waits for.
+With ``transport="memory"`` uvicorn listens itself, and :class:`Server` replaces
+``config.http_protocol_class``, after ``load()`` and before uvicorn's startup, with a
+:class:`~staple.tls.TLSServerProtocol` subclass taking the same arguments: it makes uvicorn's
+protocol and hands it the :class:`~staple.tls.TLSTransport` once the handshake has completed.
 The uvicorn internals this relies on:
 
-- that constructor call and ``Config.http_protocol_class`` (read at each connection);
+- that constructor call, ``Config.http_protocol_class``, ``Server.server_state`` and
+  ``Server.lifespan.state``;
 - ``Server.startup(sockets)`` / ``Server.shutdown(sockets)``, extended through ``super()``;
+  ``startup(sockets=[])`` creates no server, and ``shutdown`` closes ``Server.servers``;
 - ``Server._log_started_message`` (private), overridden to say ``https://``;
 - uvicorn's protocols call a connection TLS when ``transport.get_extra_info("sslcontext")`` is
   truthy (``uvicorn.protocols.utils.is_ssl``): ``scope["scheme"]`` is ``https``/``wss``, and
   ``client``/``server`` come from the TCP socket, as without TLS.
 
-Connections still in the TLS handshake have no uvicorn protocol yet, so uvicorn's graceful
-shutdown cannot see them: :class:`Server` aborts them when it shuts down.
+Connections still in the TLS handshake have no uvicorn protocol yet (uvicorn counts a
+connection from ``connection_made``), so uvicorn's graceful shutdown cannot see them:
+:class:`Server` aborts them when it shuts down.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import weakref
@@ -54,7 +63,7 @@ import uvicorn
 from OpenSSL import SSL
 from uvicorn.config import STARTUP_FAILURE
 
-from . import tls
+from . import tls, tls_socket
 from .aiohttp import MAX_HANDSHAKES
 from .errors import OcspError
 from .handle import OnUpdate
@@ -89,6 +98,10 @@ class Server(uvicorn.Server):
     handshake is stapled; a chain or key that cannot be used logs an error and exits with
     uvicorn's ``STARTUP_FAILURE`` (3). On shutdown the stapler and the store are closed after
     uvicorn's graceful shutdown. :attr:`stapler` is the running stapler.
+
+    ``transport`` is staple's TLS transport (see :func:`staple.tls.create_server`):
+    ``"socket"``, the default, runs OpenSSL on each accepted socket, and staple listens;
+    ``"memory"`` runs it on memory BIOs under the transport of uvicorn's own listener.
     """
 
     def __init__(
@@ -102,6 +115,7 @@ class Server(uvicorn.Server):
         policy: RefreshPolicy | None = None,
         handshake_timeout: float = tls.DEFAULT_HANDSHAKE_TIMEOUT,
         max_handshakes: int | None = MAX_HANDSHAKES,
+        transport: tls.TransportKind = tls.DEFAULT_TRANSPORT,
     ) -> None:
         if config.is_ssl:
             raise TypeError(
@@ -126,6 +140,7 @@ class Server(uvicorn.Server):
         }
         self._handshake_timeout = handshake_timeout
         self._max_handshakes = max_handshakes
+        self._transport_kind = tls._check_transport(transport)
         self._transports: weakref.WeakSet[tls.TLSTransport] = weakref.WeakSet()
         self._stopping = False
 
@@ -140,8 +155,13 @@ class Server(uvicorn.Server):
         if not config.loaded:
             config.load()
         context = await self._open_stapler()
-        config.http_protocol_class = self._protocol_class(config.http_protocol_class, context)
-        await super().startup(sockets=sockets)
+        if self._transport_kind == "memory":
+            config.http_protocol_class = self._protocol_class(config.http_protocol_class, context)
+            await super().startup(sockets=sockets)
+        else:
+            # uvicorn's lifespan, and no listener of uvicorn's: staple's servers follow.
+            await super().startup(sockets=[])
+            await self._listen(sockets, context)
         if self.started and self.stapler is not None:
             for handle in self.stapler.handles:
                 logger.info("Process [%d] %s", os.getpid(), status_line(handle))
@@ -149,13 +169,24 @@ class Server(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # Handshakes in progress have no uvicorn protocol yet: uvicorn cannot end them.
         self._stopping = True
-        for transport in list(self._transports):
-            if transport.tls_state is tls.TLSState.DO_HANDSHAKE:
-                transport.abort()
+        for transport in self._handshaking():
+            transport.abort()
         try:
             await super().shutdown(sockets=sockets)
         finally:
             await self._close_stapler()
+
+    def _handshaking(self) -> list[Any]:
+        """The connections still in the TLS handshake: the socket transport's servers know
+        them; the memory transport's connections are tracked one by one."""
+        if self._transport_kind == "socket":
+            return [
+                transport
+                for server in getattr(self, "servers", ())
+                if isinstance(server, tls_socket.SocketTLSServer)
+                for transport in server.handshaking()
+            ]
+        return [t for t in self._transports if t.tls_state is tls.TLSState.DO_HANDSHAKE]
 
     def _log_started_message(self, listeners: Sequence[socket.SocketType]) -> None:
         config = self.config
@@ -218,6 +249,55 @@ class Server(uvicorn.Server):
 
     # -- the connections -----------------------------------------------------------------------
 
+    async def _listen(self, sockets: list[socket.socket] | None, context: SSL.Context) -> None:
+        """Listen where uvicorn's startup would have (the socket transport); as uvicorn, log
+        a failure to bind, shut the lifespan down and exit with ``STARTUP_FAILURE``."""
+        config = self.config
+        http: Any = config.http_protocol_class
+        http = getattr(http, "_staple_wraps", http)  # a memory-transport start before
+        server_state, app_state = self.server_state, self.lifespan.state
+
+        def make_protocol() -> asyncio.BaseProtocol:
+            return cast(
+                asyncio.BaseProtocol,
+                http(config=config, server_state=server_state, app_state=app_state),
+            )
+
+        async def serve(
+            sock: socket.socket | None = None, **where: Any
+        ) -> tls_socket.SocketTLSServer:
+            return await tls_socket.create_server(
+                make_protocol,
+                sock=sock,
+                ssl_context=context,
+                handshake_timeout=self._handshake_timeout,
+                max_handshakes=self._max_handshakes,
+                on_connection=self._on_connection,
+                backlog=config.backlog,
+                **where,
+            )
+
+        self.servers = []
+        try:
+            if sockets is not None:  # a gunicorn worker's, or staple serve's
+                for sock in sockets:
+                    self.servers.append(await serve(sock))
+                return
+            if config.fd is not None:
+                self.servers.append(await serve(socket.socket(fileno=config.fd)))
+            elif config.uds is not None:
+                self.servers.append(await serve(_unix_socket(config.uds)))
+            else:
+                self.servers.append(await serve(host=config.host, port=config.port))
+        except OSError as exc:
+            logger.error(exc)
+            for server in self.servers:
+                server.close()
+            self.started = False
+            await self.lifespan.shutdown()
+            sys.exit(STARTUP_FAILURE)
+        self._log_started_message([s for server in self.servers for s in server.sockets])
+
     def _protocol_class(
         self, http_protocol: type[asyncio.Protocol], context: SSL.Context
     ) -> type[asyncio.Protocol]:
@@ -269,6 +349,7 @@ def run(
     on_update: OnUpdate | None = None,
     must_staple: MustStaple | str = MustStaple.LENIENT,
     policy: RefreshPolicy | None = None,
+    transport: tls.TransportKind = tls.DEFAULT_TRANSPORT,
     **uvicorn_options: Any,
 ) -> None:
     """``uvicorn.run(app, **uvicorn_options)``, stapling every TLS handshake.
@@ -277,8 +358,8 @@ def run(
     ``lifespan``, ``proxy_headers``, ``root_path``, ``limit_concurrency``, ``ws``, ``http``...;
     also ``uvicorn.Config``'s ``timeout_notify`` and ``callback_notify``). Its ``ssl_*``
     options, ``reload`` and ``http2`` are refused (:exc:`TypeError` / :exc:`ValueError`), as
-    are keywords it does not know. ``certs``, ``store``, ``on_update``, ``must_staple`` and
-    ``policy``: see :class:`Server`.
+    are keywords it does not know. ``certs``, ``store``, ``on_update``, ``must_staple``,
+    ``policy`` and ``transport``: see :class:`Server`.
 
     ``workers=N`` forks N processes sharing one listening socket (host and port only), each
     with its own stapler over the same store; unlike ``uvicorn.run`` the app need not be an
@@ -299,6 +380,7 @@ def run(
         "on_update": on_update,
         "must_staple": must_staple,
         "policy": policy,
+        "transport": tls._check_transport(transport),
     }
     if config.workers > 1:
         sys.exit(_run_workers(config, stapling))
@@ -308,6 +390,25 @@ def run(
         server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)
+
+
+def _unix_socket(path: str) -> socket.socket:
+    """A bound Unix socket at ``path``, as uvicorn's ``uds=`` makes it: a stale socket file
+    is replaced (as ``loop.create_unix_server`` does) and its permissions are kept."""
+    permissions = 0o666
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.stat(path).st_mode
+        permissions = stat.S_IMODE(mode)
+        if stat.S_ISSOCK(mode):
+            os.remove(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, permissions)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _check_options(options: dict[str, Any]) -> None:

@@ -832,10 +832,8 @@ async def test_transport_option(pki, responder, tmp_path, transport) -> None:
     leaf = pki.issue_leaf("transport.serve.test", ocsp_url=responder.url)
     config = config_for(tmp_path, files(tmp_path, leaf, "leaf"), transport=transport)
     async with running(config) as serving:
-        assert serving.server is not None
-        servers = [site._server for site in serving.server.sites]
         expected = tls_socket.SocketTLSServer if transport != "memory" else asyncio.Server
-        assert [type(server) for server in servers] == [expected]
+        assert [type(server) for server in serving.listeners] == [expected]
         result = await probe(HOST, serving.port, servername="transport.serve.test")
         assert result.code == 0, result.lines()
 

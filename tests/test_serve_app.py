@@ -23,7 +23,7 @@ import websockets
 
 import staple
 import staple.cli
-from staple import cli
+from staple import cli, tls_socket
 from staple.cli.serve import ServeConfig, Serving, serve
 from staple.probe import probe
 from staple.testing import Fault, OcspResponder, TestPKI
@@ -230,11 +230,31 @@ async def test_app_with_static_exits_2(pki, tmp_path, capsys) -> None:
     assert "with --app, serve them from your application" in capsys.readouterr().err
 
 
-async def test_asgi_app_refuses_the_socket_transport(pki, tmp_path, capsys) -> None:
-    chain, key = files(tmp_path, pki.issue_leaf("localhost"))
-    argv = ["serve", "--app", "tests.serve_apps:asgi_app", "--transport", "socket", "--no-cache"]
-    assert await cli.run([*argv, "--cert", str(chain), "--key", str(key), "--port", "0"]) == 2
-    assert "--transport socket: ASGI apps run on uvicorn's protocol" in capsys.readouterr().err
+@pytest.mark.parametrize("transport", [None, "socket", "memory"])
+async def test_asgi_app_transport_option(pki, responder, tmp_path, transport) -> None:
+    """``--transport`` applies to an ASGI app too: staple listens with its socket transport
+    unless told ``memory`` (uvicorn's own listener); both staple."""
+    leaf = pki.issue_leaf("asgi.serve.test", ocsp_url=responder.url)
+    config = ServeConfig(
+        certs=[files(tmp_path, leaf)],
+        host=HOST,
+        port=0,
+        cache_dir=None,
+        app="tests.serve_apps:asgi_app",
+        transport=transport,
+    )
+    ready: asyncio.Future[Serving] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(config, out=io.StringIO(), ready=ready, stop=stop))
+    try:
+        serving = await asyncio.wait_for(ready, 30)
+        expected = tls_socket.SocketTLSServer if transport != "memory" else asyncio.Server
+        assert [type(server) for server in serving.listeners] == [expected]
+        result = await probe(HOST, serving.port, servername="asgi.serve.test")
+        assert result.code == 0, result.lines()
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == 0
 
 
 async def test_asgi_app_without_uvicorn_names_the_extra(pki, tmp_path, capsys, monkeypatch):

@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import ssl
-from collections.abc import AsyncIterator
+import stat
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,9 @@ import uvicorn
 import websockets
 
 import staple.uvicorn
+import tests.asgi_apps
+from staple import MemoryStore, tls_socket
+from staple.probe import probe
 from staple.testing import Fault, OcspResponder, TestPKI
 
 from .server_process import (
@@ -198,6 +203,116 @@ async def test_example_app(pki, responder, tmp_path, ca_file) -> None:
         code, out = await curl(port, ca_file)
         assert code == CURL_BAD_STAPLE, out
         await stopped_cleanly(server, signal.SIGTERM)
+
+
+# -- in process: the transports ----------------------------------------------------------------
+
+
+class InProcess(staple.uvicorn.Server):
+    """``staple.uvicorn.Server`` in the test's loop: ``up`` is set once it listens; no signal
+    handling of its own (the test stops it with ``should_exit``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.up = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self.up.set()
+
+
+def in_process_server(chain: Path, key: Path, transport: str, **options: Any) -> InProcess:
+    config = uvicorn.Config(tests.asgi_apps.app, log_config=None, lifespan="off", **options)
+    return InProcess(config, certs=[(chain, key)], store=MemoryStore(), transport=transport)
+
+
+async def exit_status(server: InProcess) -> object:
+    """Serve until stopped; ``sys.exit``'s status, caught here (raised out of a task it would
+    end the loop), else ``None``."""
+    try:
+        await server.serve()
+    except SystemExit as exc:
+        return exc.code
+    return None
+
+
+@contextlib.asynccontextmanager
+async def in_process(
+    chain: Path, key: Path, transport: str, **options: Any
+) -> AsyncIterator[InProcess]:
+    server = in_process_server(chain, key, transport, **options)
+    task = asyncio.create_task(exit_status(server))
+    try:
+        up = asyncio.create_task(server.up.wait())
+        await asyncio.wait([up, task], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        up.cancel()
+        assert server.up.is_set(), f"did not start: {task.result()}"
+        yield server
+    finally:
+        server.should_exit = True
+        assert await asyncio.wait_for(task, 30) is None
+
+
+@pytest.mark.parametrize("transport", ["socket", "memory"])
+async def test_each_transport_listens_and_staples(pki, responder, tmp_path, transport) -> None:
+    """The socket transport: staple's own server on the socket uvicorn would have bound; the
+    memory transport: uvicorn's listener, staple's TLS in its protocol. Both staple."""
+    leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
+    async with in_process(*files(tmp_path, leaf), transport, host=HOST, port=0) as server:
+        expected = tls_socket.SocketTLSServer if transport == "socket" else asyncio.Server
+        assert [type(s) for s in server.servers] == [expected]
+        port = server.servers[0].sockets[0].getsockname()[1]
+        result = await probe(HOST, port, servername="localhost")
+        assert result.code == 0, result.lines()
+
+
+@pytest.mark.external
+@pytest.mark.parametrize("transport", ["socket", "memory"])
+async def test_unix_socket(pki, responder, tmp_path, ca_file, transport) -> None:
+    """``uds=``: curl verifies the staple over the Unix socket; the file's permissions, set
+    before (a stale socket file from a previous run), are kept."""
+    leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
+    path = tmp_path / "app.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    path.chmod(0o600)
+    async with in_process(*files(tmp_path, leaf), transport, uds=str(path)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        for cert_status, expected in ((True, 0), (False, 0)):
+            args = ("--cert-status",) if cert_status else ()
+            proc = await asyncio.create_subprocess_exec(
+                "curl", "-sS", "--cacert", str(ca_file), "--unix-socket", str(path), *args,
+                "https://localhost/", stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            out, _ = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == expected, out
+            assert json.loads(out)["scheme"] == "https"
+
+
+async def test_port_in_use_exits_3(pki, responder, tmp_path) -> None:
+    """The socket transport binds where uvicorn would: a port in use is uvicorn's startup
+    failure (logged, status 3), and the twin on a free port starts."""
+    leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
+    with socket.create_server((HOST, 0)) as busy:
+        port = busy.getsockname()[1]
+        server = in_process_server(*files(tmp_path, leaf), "socket", host=HOST, port=port)
+        status = await asyncio.wait_for(exit_status(server), 30)
+        assert status == uvicorn.config.STARTUP_FAILURE
+        assert not server.started and not server.up.is_set()
+    async with in_process(*files(tmp_path, leaf), "socket", host=HOST, port=port) as server:
+        assert server.servers[0].sockets[0].getsockname()[1] == port
+
+
+def test_an_unknown_transport_is_refused() -> None:
+    config = uvicorn.Config(asgi_app, log_config=None)
+    with pytest.raises(ValueError, match="transport"):
+        staple.uvicorn.Server(config, certs=CERTS, transport="pipes")  # type: ignore[arg-type]
 
 
 # -- WebSocket -------------------------------------------------------------------------------

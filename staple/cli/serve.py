@@ -168,9 +168,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--transport",
         choices=tls.TRANSPORTS,
         default=None,
-        help="TLS transport of aiohttp apps and the status page: OpenSSL on the socket itself "
-        "(the default) or memory BIOs under asyncio's TCP transport; ASGI apps run on the "
-        "memory transport, as uvicorn's server creates their connections",
+        help="TLS transport: OpenSSL on the socket itself (the default) or memory BIOs under "
+        "asyncio's TCP transport",
     )
     parser.add_argument(
         "--loop",
@@ -264,8 +263,7 @@ class ServeConfig:
     metrics: tuple[str, int] | None = None
     """``(host, port)`` of a plain-HTTP ``/metrics`` listener (:mod:`staple.metrics`)."""
     transport: tls.TransportKind | None = None
-    """The TLS transport (see :mod:`staple.tls`); ``None``: the socket transport, or the memory
-    transport for an ASGI app (uvicorn's server creates its connections)."""
+    """The TLS transport (see :mod:`staple.tls`); ``None``: ``tls.DEFAULT_TRANSPORT``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +280,9 @@ class Serving:
     server: StaplingServer | None = None
     """What serves it: its sites, their handshake cap (``None`` for an ASGI app, which
     :class:`staple.uvicorn.Server` serves)."""
+    listeners: tuple[asyncio.AbstractServer, ...] = ()
+    """The listening servers: :class:`staple.tls_socket.SocketTLSServer` on the socket
+    transport, the loop's ``asyncio.Server`` on the memory transport."""
 
 
 async def serve(
@@ -330,11 +331,6 @@ async def serve(
             return run.cannot_start(f"--app {config.app}: the factory raised {exc!r}", exc)
         if made.kind is AppKind.ASGI:
             problem = _asgi_problem(config.app)
-            if problem is None and config.transport == "socket":
-                problem = (
-                    f"--transport {config.transport}: ASGI apps run on uvicorn's protocol, "
-                    "which staple wraps in the memory transport; leave --transport out"
-                )
             if problem is not None:
                 return run.cannot_start(problem)
     if config.metrics is not None:
@@ -470,7 +466,10 @@ async def _serve_aiohttp(
 
     def on_start(server: StaplingServer) -> None:
         url = server.url if sock is None else _url_of(sock)
-        serving = Serving(url, config.host, server.port, stapler, server.handles, files, server)
+        listeners = tuple(site.server for site in server.sites if site.server is not None)
+        serving = Serving(
+            url, config.host, server.port, stapler, server.handles, files, server, listeners
+        )
         described = None if made is None else f"{config.app} (aiohttp {_AIOHTTP_VERSION})"
         run.on_start(serving, announce=sock is None, app=described)
 
@@ -500,7 +499,8 @@ async def _serve_asgi(
     def on_start(server: serve_asgi.AppServer) -> None:
         assert server.stapler is not None
         handles = list(server.stapler.handles)
-        serving = Serving(url, config.host, port, server.stapler, handles)
+        listeners = tuple(server.servers)
+        serving = Serving(url, config.host, port, server.stapler, handles, listeners=listeners)
         described = f"{config.app} (ASGI, uvicorn {serve_asgi.UVICORN_VERSION})"
         run.on_start(serving, announce=sock is None, app=described)
 
@@ -518,6 +518,7 @@ async def _serve_asgi(
                 proxy=config.proxy,
                 tls_profile=config.tls_profile,
                 on_start=on_start,
+                transport=config.transport or tls.DEFAULT_TRANSPORT,
             )
     finally:
         listening.close()  # uvicorn closed it already, unless it never started

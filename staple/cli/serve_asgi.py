@@ -26,6 +26,7 @@ from ..policy import RefreshPolicy
 from ..proxy import ProxyOption
 from ..server_context import CertSpec, TLSProfile, build_server_context
 from ..store import Store
+from ..tls import DEFAULT_TRANSPORT, TransportKind
 from ..uvicorn import Server
 
 __all__ = ["UVICORN_VERSION", "AppServer", "serve_asgi"]
@@ -50,8 +51,16 @@ class AppServer(Server):
         proxy: ProxyOption,
         tls_profile: TLSProfile,
         on_start: Callable[[AppServer], object],
+        transport: TransportKind = DEFAULT_TRANSPORT,
     ) -> None:
-        super().__init__(config, certs=certs, store=store, on_update=on_update, policy=policy)
+        super().__init__(
+            config,
+            certs=certs,
+            store=store,
+            on_update=on_update,
+            policy=policy,
+            transport=transport,
+        )
         self._stapler_options["proxy"] = proxy
         self._responder_urls = responder_urls
         self._tls_profile = tls_profile
