@@ -82,15 +82,21 @@ def plain_context(chain: str, key: str) -> SSL.Context:
     return ctx
 
 
-async def preloaded_stapler(chain: str, der: bytes) -> Stapler:
-    """A Stapler whose store already holds ``der``: it staples from the first handshake and
-    schedules its refresh hours ahead, so the (unreachable) responder is never asked."""
+async def preloaded_store(chain: str, der: bytes) -> MemoryStore:
+    """A store that already holds ``der``, ``chain``'s response: a stapler over it staples
+    from the first handshake and schedules its refresh hours ahead, so the (unreachable)
+    responder is never asked."""
     certs = load_chain(Path(chain))
     store = MemoryStore()
     key = ocsp.cert_id(certs[0], certs[1]).key
     verified = ocsp.validate(der, certs[0], certs[1], now=datetime.now(UTC))
     await store.put(key, der, expires=verified.expires)
-    stapler = Stapler(store=store)
+    return store
+
+
+async def preloaded_stapler(chain: str, der: bytes) -> Stapler:
+    """A Stapler over :func:`preloaded_store`."""
+    stapler = Stapler(store=await preloaded_store(chain, der))
     handle = await stapler.add(Path(chain), responder_urls=["http://127.0.0.1:9/"], wait=False)
     if handle.get_context() is None:
         raise SystemExit(f"the pre-signed response was not adopted: {handle.last_error}")

@@ -15,7 +15,9 @@ with ``Connection: close``, read to the end, close_notify, close). The server is
 All three serve the same aiohttp app (``bench._server.app``, ``GET /`` answers ``ok``), or with
 ``--app minimal`` one small ``asyncio.Protocol`` that answers the first request and closes
 (through ``staple.tls.create_server`` / ``loop.create_server(ssl=)``), which leaves the TLS
-layer's own work with next to nothing on top.
+layer's own work with next to nothing on top, or with ``--app uvicorn`` the ASGI app of
+``bench._apps`` on uvicorn (``http="auto"``): :class:`staple.uvicorn.Server` on either
+transport, and ``uvicorn.Server`` with ``ssl_certfile``/``ssl_keyfile`` as the stdlib.
 
 Only the server's event-loop thread is counted, only while the measured connections run:
 
@@ -259,6 +261,9 @@ async def _start(variant: str, app: str, chain: str, key: str, der: bytes) -> _S
     def stapled() -> int:
         return stapler.stapled if stapler is not None else 0
 
+    if app == "uvicorn":
+        return await _start_uvicorn(variant, chain, key, der)
+
     if app == "minimal":
         if variant == "stdlib":
             server = await loop.create_server(_Minimal, "127.0.0.1", 0, ssl=stdlib_ctx)
@@ -292,6 +297,47 @@ async def _start(variant: str, app: str, chain: str, key: str, der: bytes) -> _S
         await close_stapler()
 
     return _Server(port, stop_site, lambda: len(web_server.connections), stapled)
+
+
+async def _start_uvicorn(variant: str, chain: str, key: str, der: bytes) -> _Server:
+    import uvicorn
+
+    from staple.uvicorn import Server as StaplingServer
+
+    from . import _apps, _server
+
+    options: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "log_config": None,
+        "access_log": False,
+        "lifespan": "off",
+        "http": "auto",
+    }
+    server: uvicorn.Server
+    if variant == "stdlib":
+        config = uvicorn.Config(_apps.asgi, ssl_certfile=chain, ssl_keyfile=key, **options)
+        server = uvicorn.Server(config)
+    else:
+        store = await _server.preloaded_store(chain, der)
+        config = uvicorn.Config(_apps.asgi, **options)
+        server = StaplingServer(config, certs=[(chain, key)], store=store, transport=variant)
+    config.load()
+    server.lifespan = config.lifespan_class(config)  # as uvicorn.Server._serve() sets it up
+    await server.startup()
+    if not server.started:
+        raise RuntimeError(f"uvicorn ({variant}) did not start")
+    state = server.server_state
+
+    async def stop() -> None:
+        await server.shutdown()
+
+    def stapled() -> int:
+        stapler = getattr(server, "stapler", None)
+        return stapler.stapled if stapler is not None else 0
+
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return _Server(port, stop, lambda: len(state.connections), stapled)
 
 
 # -- one measurement -----------------------------------------------------------------------------
@@ -621,7 +667,7 @@ def main() -> None:
     parser.add_argument("--key", choices=("ec", "rsa"), default="ec")
     parser.add_argument("--tls", choices=("1.3", "1.2"), default="1.3")
     parser.add_argument("-n", "--connections", type=int, default=300)
-    parser.add_argument("--app", choices=("aiohttp", "minimal"), default="aiohttp")
+    parser.add_argument("--app", choices=("aiohttp", "minimal", "uvicorn"), default="aiohttp")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument(
         "--variants",

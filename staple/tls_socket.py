@@ -22,12 +22,13 @@ Theory of operation
   are one timer per server, not one per connection (:class:`_Deadlines`).
 * **Data.** Readable: records are decrypted 16 KiB at a time until OpenSSL wants more, then
   handed to the application in one call (``recv_into`` its buffers for a
-  ``BufferedProtocol``). ``write`` encrypts and sends at once, except that writes smaller than
-  a record wait for the end of the loop's step, so that a response written in pieces (uvicorn:
-  its head, then its body) leaves in one record and one ``send()``; what the socket does not
-  take waits, as plaintext, in a queue that is the write buffer flow control counts (asyncio's
-  default limits). OpenSSL may need to write while reading (a TLS 1.3 KeyUpdate answer) or
-  read while writing: each direction remembers what the other one waits for.
+  ``BufferedProtocol``). ``write`` encrypts and sends at once (with ``coalesce_writes``, writes
+  smaller than a record wait for the end of the loop's step, so that a response written in
+  pieces, as uvicorn writes its head and then its body, leaves in one record and one
+  ``send()``); what the socket does not take waits, as plaintext, in a queue that is the write
+  buffer flow control counts (asyncio's default limits). OpenSSL may need to write while
+  reading (a TLS 1.3 KeyUpdate answer) or read while writing: each direction remembers what
+  the other one waits for.
 * **Close.** ``close()`` sends the queued data, then close_notify, then waits (bounded by
   ``shutdown_timeout``) for the peer's close_notify or EOF, then closes the socket;
   ``abort()`` closes it at once. ``connection_lost`` follows from the loop, once.
@@ -105,8 +106,10 @@ _OPTIONS: Final[int] = _OP_NO_RENEGOTIATION | SSL.OP_IGNORE_UNEXPECTED_EOF
 # memory-BIO transport's uncorked, 1.04x corked.
 _CORK: Final[int] = getattr(socket, "TCP_CORK", 0)
 
-# Writes smaller than this wait (call_soon) for the others of the same loop step, and a step's
-# writes of up to _JOIN bytes in all leave in one SSL_write: one record if they fit in one.
+# With coalesce_writes, writes smaller than this wait (call_soon) for the others of the same loop
+# step, and a step's writes of up to _JOIN bytes in all leave in one SSL_write (one record if
+# they fit in one). It costs a callback per response, which an app that writes a response at
+# once (aiohttp) pays for nothing: hence not the default.
 _COALESCE: Final = _RECORD
 _JOIN: Final = 64 * 1024
 
@@ -240,6 +243,7 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         handshake_gate: HandshakeGate | None = None,
         server: SocketTLSServer | None = None,
         timeouts: _Timeouts | None = None,
+        coalesce_writes: bool = False,
     ) -> None:
         super().__init__(None, loop)  # asyncio's default write buffer limits
         self._sock: socket.socket | None = sock
@@ -281,6 +285,7 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
         self._write_queue: collections.deque[bytes] = collections.deque()
         self._write_offset = 0  # into _write_queue[0]
         self._write_size = 0  # plaintext bytes queued
+        self._coalesce = _COALESCE if coalesce_writes else 0  # writes below this wait a step
         self._lost_scheduled = False  # connection_lost is on its way
         self._transport_socket: _asyncio_trsock.TransportSocket | None = None
 
@@ -710,7 +715,8 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
             self._write_size += len(data)
             self._maybe_pause_protocol()
             return
-        if len(data) < _COALESCE and (type(data) is bytes or memoryview(data).nbytes < _COALESCE):
+        coalesce = self._coalesce
+        if len(data) < coalesce and (type(data) is bytes or memoryview(data).nbytes < coalesce):
             self._write_queue.append(bytes(data))
             self._write_size += len(data)
             self._loop.call_soon(self._flush_step)
@@ -865,7 +871,9 @@ class SocketTLSTransport(_asyncio_transports._FlowControlMixin, asyncio.Transpor
             return
         self._set_state(TLSState.SHUTDOWN)  # the shutdown deadline starts
         if self._write_queue:
-            self._update_interest()  # close_notify follows the queue (_flush)
+            # This step's writes, if they wait for _flush_step, go now; close_notify follows
+            # the queue (_flush), at once or once the socket takes it.
+            self._flush_step()
         else:
             self._do_shutdown()
 
@@ -1142,10 +1150,13 @@ async def create_server(
     reuse_address: bool | None = None,
     reuse_port: bool | None = None,
     start_serving: bool = True,
+    coalesce_writes: bool = False,
 ) -> SocketTLSServer:
     """A server whose connections run TLS on their sockets (see the module docstring).
 
     Arguments as :func:`staple.tls.create_server` and ``loop.create_server`` (those that apply).
+    ``coalesce_writes``: a loop step's small writes leave as one record (for apps that write a
+    response in pieces, as uvicorn does; it costs a callback per response).
     """
     context = _tls._check_context(ssl_context)
     handshake_timeout = _tls._check_timeout("handshake_timeout", handshake_timeout)
@@ -1192,6 +1203,7 @@ async def create_server(
             handshake_gate=gate,
             server=server,
             timeouts=timeouts,
+            coalesce_writes=coalesce_writes,
         )
 
     server = SocketTLSServer(loop, sockets, make_transport, backlog, timeouts)

@@ -274,6 +274,7 @@ class Server(uvicorn.Server):
                 max_handshakes=self._max_handshakes,
                 on_connection=self._on_connection,
                 backlog=config.backlog,
+                coalesce_writes=True,  # uvicorn writes a response's head and body apart
                 **where,
             )
 

@@ -39,6 +39,7 @@ from staple import tls, tls_socket
 from staple.tls import AppState, TLSServerProtocol, TLSState, TLSTransport
 
 from .external import require
+from .record_client import reply_records
 
 uvloop: Any = None
 with contextlib.suppress(ImportError):  # optional: these tests also run on uvloop if present
@@ -569,62 +570,24 @@ def test_writes_in_one_step_leave_in_one_tcp_write(
     run_asyncio(main())
 
 
-async def reply_records(
-    port: int, ctx: ssl.SSLContext, message: bytes, size: int
-) -> tuple[bytes, list[int]]:
-    """Send ``message`` over TLS and read a reply of ``size`` bytes, on memory BIOs over a plain
-    TCP stream, so the records are seen as they arrive: the reply and each record's length."""
-    reader, writer = await asyncio.open_connection(HOST, port)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls_client = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
-
-    async def send_out() -> None:
-        writer.write(outgoing.read())
-        await writer.drain()
-
-    try:
-        while True:
-            try:
-                tls_client.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                await send_out()
-                data = await reader.read(65536)
-                assert data, "EOF in the handshake"
-                incoming.write(data)
-        tls_client.write(message)
-        await send_out()
-        reply, records, raw = b"", [], b""
-        while len(reply) < size:
-            data = await reader.read(65536)
-            assert data, "EOF before the reply"
-            raw += data
-            while len(raw) >= 5 and len(raw) >= 5 + int.from_bytes(raw[3:5], "big"):
-                length = int.from_bytes(raw[3:5], "big")
-                assert raw[0] == 23  # application_data (TLS 1.2: nothing else after the handshake)
-                records.append(length)
-                incoming.write(raw[: 5 + length])
-                raw = raw[5 + length :]
-                reply += tls_client.read(65536)
-        return reply, records
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
-def test_writes_in_one_step_leave_in_one_record(run: Run, pki: PKI, transport: str) -> None:
-    """The socket transport sends a step's small writes (uvicorn's head, then its body) as one
-    record and one send(); the memory transport keeps a record a write, in one TCP write
-    (test_writes_in_one_step_leave_in_one_tcp_write)."""
+@pytest.mark.parametrize("coalesce", [True, False], ids=["coalesce_writes", "default"])
+def test_writes_in_one_step_leave_in_one_record(
+    run: Run, pki: PKI, transport: str, coalesce: bool
+) -> None:
+    """With ``coalesce_writes`` the socket transport sends a step's small writes (uvicorn's
+    head, then its body) as one record and one send(); by default, a record a write. (The
+    memory transport keeps a record a write, in one TCP write:
+    test_writes_in_one_step_leave_in_one_tcp_write.)"""
+    if transport != "socket":
+        pytest.skip("coalesce_writes is the socket transport's")
 
     async def main() -> None:
         apps, factory = collecting(lambda: TwoWrites(echo=False, count_tcp_writes=False))
-        async with serving(factory, server_context(pki)) as port:
+        async with serving(factory, server_context(pki), coalesce_writes=coalesce) as port:
             ctx = client_context(pki, max_version=ssl.TLSVersion.TLSv1_2)
-            reply, records = await reply_records(port, ctx, b"body", 9)
+            reply, records = await reply_records(port, ctx, b"body", lambda got: len(got) >= 9)
             assert reply == b"head:body"
-            assert len(records) == (1 if transport == "socket" else 2), records
+            assert len(records) == (1 if coalesce else 2), records
             assert await apps[0].lost is None
 
     run(main())
