@@ -599,9 +599,11 @@ async def run(bench: Bench) -> Section:
     m = bench.material("ec")
     connections = 100 if bench.quick else 400
     loops = ("asyncio",) if bench.quick else ("asyncio", "uvloop")
+    runs = [("aiohttp", "1.3")] if bench.quick else [("aiohttp", "1.3"), ("aiohttp", "1.2")]
+    runs.append(("uvicorn", "1.3"))
     for loop_name in loops:
-        for tls in ("1.3",) if bench.quick else ("1.3", "1.2"):
-            out = bench.workdir / f"calls-{loop_name}-{tls}.json"
+        for app, tls in runs:
+            out = bench.workdir / f"calls-{loop_name}-{app}-{tls}.json"
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -610,6 +612,8 @@ async def run(bench: Bench) -> Section:
                 loop_name,
                 "--tls",
                 tls,
+                "--app",
+                app,
                 "-n",
                 str(connections),
                 "--chain",
@@ -627,11 +631,11 @@ async def run(bench: Bench) -> Section:
             _, err = await process.communicate()
             if process.returncode != 0:
                 section.notes.append(
-                    f"calls ({loop_name}, TLS {tls}) failed: {err.decode()[-500:]}"
+                    f"calls ({loop_name}, {app}, TLS {tls}) failed: {err.decode()[-500:]}"
                 )
                 continue
             data = json.loads(out.read_text())
-            label = f"{KEY_NAMES['ec']}, TLS {tls}, {loop_name}, aiohttp app"
+            label = f"{KEY_NAMES['ec']}, TLS {tls}, {loop_name}, {app} app"
             stdlib = data["stdlib"]
             for variant in VARIANTS:
                 d = data[variant]
@@ -648,7 +652,7 @@ async def run(bench: Bench) -> Section:
                 section.rows.append(
                     Row("calls", f"Python per connection, {variant} — {label}", shown, "", None, d)
                 )
-            section.raw[f"{loop_name}-{tls}"] = data
+            section.raw[f"{loop_name}-{app}-{tls}"] = data
     return section
 
 
