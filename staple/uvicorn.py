@@ -178,7 +178,8 @@ class Server(uvicorn.Server):
 
     def _handshaking(self) -> list[Any]:
         """The connections still in the TLS handshake: the socket transport's servers know
-        them; the memory transport's connections are tracked one by one."""
+        them (and accept nothing once closed, which uvicorn's shutdown does in the same step);
+        the memory transport's connections are tracked one by one."""
         if self._transport_kind == "socket":
             return [
                 transport
@@ -272,7 +273,6 @@ class Server(uvicorn.Server):
                 ssl_context=context,
                 handshake_timeout=self._handshake_timeout,
                 max_handshakes=self._max_handshakes,
-                on_connection=self._on_connection,
                 backlog=config.backlog,
                 coalesce_writes=True,  # uvicorn writes a response's head and body apart
                 **where,

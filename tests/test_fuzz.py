@@ -444,7 +444,10 @@ def stapled_handshake(server: ThreadServer, *, then_send: bytes = b"") -> None:
         if then_send:
             sock.setblocking(True)
             sock.settimeout(10)
-            with contextlib.suppress(ConnectionError):
+            # The server may end the connection at the first bad record, before the rest is
+            # sent: closing with unread data, it resets it, and send() or shutdown() then fail
+            # (ECONNRESET, EPIPE; ENOTCONN once the reset has arrived).
+            with contextlib.suppress(OSError):
                 sock.sendall(then_send)
                 sock.shutdown(socket.SHUT_WR)
                 while sock.recv(65536):  # until the server closes
