@@ -27,6 +27,7 @@ from staple import MemoryStore, tls_socket
 from staple.probe import probe
 from staple.testing import Fault, OcspResponder, TestPKI
 
+from .record_client import reply_records
 from .server_process import (
     CURL_BAD_STAPLE,
     HOST,
@@ -258,7 +259,9 @@ async def in_process(
 
 
 @pytest.mark.parametrize("transport", ["socket", "memory"])
-async def test_each_transport_listens_and_staples(pki, responder, tmp_path, transport) -> None:
+async def test_each_transport_listens_and_staples(
+    pki, responder, tmp_path, ca_file, transport
+) -> None:
     """The socket transport: staple's own server on the socket uvicorn would have bound; the
     memory transport: uvicorn's listener, staple's TLS in its protocol. Both staple."""
     leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
@@ -268,6 +271,19 @@ async def test_each_transport_listens_and_staples(pki, responder, tmp_path, tran
         port = server.servers[0].sockets[0].getsockname()[1]
         result = await probe(HOST, port, servername="localhost")
         assert result.code == 0, result.lines()
+        # uvicorn writes a response's head and its body apart; they leave in one record on
+        # the socket transport (coalesce_writes), in one a write on the memory one.
+        ctx = ssl.create_default_context(cafile=str(ca_file))
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        request = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        reply, records = await reply_records(
+            port,
+            ctx,
+            request,
+            lambda got: got.endswith(b"\r\n0\r\n\r\n"),  # the last chunk
+        )
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b'"scheme": "https"' in reply
+        assert len(records) == (1 if transport == "socket" else 2), records
 
 
 @pytest.mark.external
