@@ -155,11 +155,19 @@ async def test_asgi_app_revoked_fails_curl(pki, responder, tmp_path, ca_file) ->
 
 
 @pytest.mark.parametrize(
-    ("attr", "kind"), [("aiohttp_app", "aiohttp"), ("asgi_app", "ASGI, uvicorn")]
+    ("attr", "kind", "transport"),
+    [
+        ("aiohttp_app", "aiohttp", None),
+        ("make_aiohttp_app", "aiohttp", "memory"),  # a factory: an aiohttp app starts once
+        ("asgi_app", "ASGI, uvicorn", None),
+        ("asgi_app", "ASGI, uvicorn", "memory"),
+    ],
 )
-async def test_serve_coroutine_with_an_app(pki, responder, tmp_path, attr, kind) -> None:
+async def test_serve_coroutine_with_an_app(pki, responder, tmp_path, attr, kind, transport):
     """``serve(ServeConfig(app=...))`` on the test's loop: ready, stapled (verified by staple's
-    own probe), stopped with 0, and nothing left open (filterwarnings = error)."""
+    own probe), stopped with 0, and nothing left open (filterwarnings = error). Either app
+    listens with staple's socket transport unless ``--transport memory`` (for an ASGI app,
+    uvicorn's own listener then)."""
     leaf = pki.issue_leaf("app.serve.test", ocsp_url=responder.url)
     config = ServeConfig(
         certs=[files(tmp_path, leaf)],
@@ -167,12 +175,15 @@ async def test_serve_coroutine_with_an_app(pki, responder, tmp_path, attr, kind)
         port=0,
         cache_dir=None,
         app=f"tests.serve_apps:{attr}",
+        transport=transport,
     )
     out = io.StringIO()
     ready: asyncio.Future[Serving] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
     task = asyncio.create_task(serve(config, out=out, ready=ready, stop=stop))
     serving = await asyncio.wait_for(ready, 30)
+    expected = tls_socket.SocketTLSServer if transport is None else asyncio.Server
+    assert [type(server) for server in serving.listeners] == [expected]
     result = await probe(HOST, serving.port, servername="app.serve.test")
     assert result.code == 0, result.lines()
     assert [h.cert for h in serving.handles] == [leaf.cert]
@@ -228,33 +239,6 @@ async def test_app_with_static_exits_2(pki, tmp_path, capsys) -> None:
     argv = ["serve", "--app", "tests.serve_apps:aiohttp_app", "--static", str(tmp_path)]
     assert await cli.run([*argv, "--cert", str(chain), "--key", str(key)]) == 2
     assert "with --app, serve them from your application" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("transport", [None, "socket", "memory"])
-async def test_asgi_app_transport_option(pki, responder, tmp_path, transport) -> None:
-    """``--transport`` applies to an ASGI app too: staple listens with its socket transport
-    unless told ``memory`` (uvicorn's own listener); both staple."""
-    leaf = pki.issue_leaf("asgi.serve.test", ocsp_url=responder.url)
-    config = ServeConfig(
-        certs=[files(tmp_path, leaf)],
-        host=HOST,
-        port=0,
-        cache_dir=None,
-        app="tests.serve_apps:asgi_app",
-        transport=transport,
-    )
-    ready: asyncio.Future[Serving] = asyncio.get_running_loop().create_future()
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(config, out=io.StringIO(), ready=ready, stop=stop))
-    try:
-        serving = await asyncio.wait_for(ready, 30)
-        expected = tls_socket.SocketTLSServer if transport != "memory" else asyncio.Server
-        assert [type(server) for server in serving.listeners] == [expected]
-        result = await probe(HOST, serving.port, servername="asgi.serve.test")
-        assert result.code == 0, result.lines()
-    finally:
-        stop.set()
-        assert await asyncio.wait_for(task, 30) == 0
 
 
 async def test_asgi_app_without_uvicorn_names_the_extra(pki, tmp_path, capsys, monkeypatch):
