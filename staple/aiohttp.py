@@ -394,6 +394,11 @@ class StaplingServer:
             app = await self._app if inspect.isawaitable(self._app) else self._app
             if not isinstance(app, web.Application):
                 raise TypeError(f"app must be an aiohttp.web.Application, not {app!r}")
+            if app.frozen:
+                raise StartError(
+                    "this aiohttp Application has been started before (aiohttp freezes an "
+                    "app when it starts, and staple must add its cleanup): give a new one"
+                )
             self.handles = await _open_chains(self.stapler, self.certs, self._responder_urls)
             try:
                 ctx = build_server_context(

@@ -849,6 +849,21 @@ async def test_server_names_each_chain_it_cannot_open(
         StaplingServer(hello_app(), certs=[], stapler=stapler, acces_log=None)
 
 
+async def test_an_app_started_before_is_refused_by_name(leaf: Leaf) -> None:
+    """aiohttp freezes an Application when it starts; a second start would fail deep inside
+    with "Cannot modify frozen list". A fresh app (every other test) starts."""
+    app = hello_app()
+    app.freeze()
+    stapler = Stapler()
+    server = StaplingServer(
+        app, certs=[(leaf.chain_pem, leaf.key_pem)], stapler=stapler, host=HOST, port=0
+    )
+    with pytest.raises(staple.aiohttp.StartError, match="has been started before"):
+        await server.start()
+    assert server.sites == [] and server.runner is None and stapler.handles == []
+    await stapler.close()
+
+
 async def test_server_on_a_bound_socket(pki: TestPKI, leaf: Leaf) -> None:
     """``sock=`` (as ``aiohttp.web.run_app(sock=...)``): served alone, stapled, capped."""
     with socket.create_server((HOST, 0)) as sock:
