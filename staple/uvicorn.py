@@ -284,8 +284,8 @@ class Server(uvicorn.Server):
                 for sock in sockets:
                     self.servers.append(await serve(sock))
                 return
-            if config.fd is not None:
-                self.servers.append(await serve(socket.socket(fileno=config.fd)))
+            if config.fd is not None:  # a copy, as uvicorn's socket.fromfd(): the fd stays theirs
+                self.servers.append(await serve(socket.socket(fileno=os.dup(config.fd))))
             elif config.uds is not None:
                 self.servers.append(await serve(_unix_socket(config.uds)))
             else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import ssl
@@ -309,6 +310,19 @@ async def test_unix_socket(pki, responder, tmp_path, ca_file, transport) -> None
             out, _ = await asyncio.wait_for(proc.communicate(), 60)
             assert proc.returncode == expected, out
             assert json.loads(out)["scheme"] == "https"
+
+
+@pytest.mark.parametrize("transport", ["socket", "memory"])
+async def test_listening_fd(pki, responder, tmp_path, transport) -> None:
+    """``fd=``: served and stapled on a copy of the descriptor, as uvicorn does, so the
+    caller's socket stays open after the server has closed its own."""
+    leaf = pki.issue_leaf("localhost", ocsp_url=responder.url)
+    with socket.create_server((HOST, 0)) as listening:
+        port = listening.getsockname()[1]
+        async with in_process(*files(tmp_path, leaf), transport, fd=listening.fileno()):
+            result = await probe(HOST, port, servername="localhost")
+            assert result.code == 0, result.lines()
+        os.fstat(listening.fileno())  # still open: OSError (EBADF) if the server closed it
 
 
 async def test_port_in_use_exits_3(pki, responder, tmp_path) -> None:
