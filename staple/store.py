@@ -245,7 +245,11 @@ class FileStore(Store):
     directory, a restarted server staples its first handshake even while the responder is down.
     What such a crash leaves besides (a ``.tmp-*`` file, never read as data) is removed by the
     next process's first write, once it is an hour old: no writer takes that long, so it is
-    nobody's write in progress, even with several processes sharing the directory.
+    nobody's write in progress, even with several processes sharing the directory. The same
+    sweep removes the files of a certificate that has expired (a day after its notAfter, read
+    from its certificate record: its response, revocation and certificate record), as
+    :class:`~staple.RedisStore`'s keys expire, so that a directory does not grow with every
+    certificate it ever served.
 
     Processes sharing the directory (``staple serve --workers``, gunicorn's or uvicorn's
     workers) fetch once per certificate per refresh: :meth:`lock` elects the fetcher with
@@ -259,6 +263,8 @@ class FileStore(Store):
     """Certificate records: the leaf and its issuer (PEM) beside the response."""
     STALE_TEMP = 3600.0
     """Seconds after which a leftover temporary file is a crash's, and removed."""
+    EXPIRED_GRACE = 86400.0
+    """Seconds after its leaf's notAfter after which a key's files are removed (the sweep)."""
     LOCK_PREFIX = TEMP_PREFIX + "lock-"
     """Lock files (:meth:`lock`): ``.tmp-lock-KEY``, there only while held (or left by a
     holder that died, until the next holder of that key or the sweep removes it)."""
@@ -281,8 +287,8 @@ class FileStore(Store):
         await asyncio.to_thread(self._write, self.path_for(key), der)
 
     async def get_revocation(self, key: str) -> bytes | None:
-        """The record's file is kept until :meth:`clear_revocation`: a directory outlives no
-        certificate by much, and a stale record costs one validation at start."""
+        """The record's file is kept until :meth:`clear_revocation`, or until the sweep finds
+        the certificate expired; a stale record costs one validation at start."""
         return await asyncio.to_thread(self._read, self._revoked_path(key))
 
     async def put_revocation(self, key: str, der: bytes, *, until: datetime) -> None:
@@ -397,7 +403,7 @@ class FileStore(Store):
     ) -> None:
         """Write ``<key>.chain.pem`` only when it is missing or different: every open of a
         handle records its chain, and a restart should not rewrite thousands of files. The file
-        is kept until removed, like a revocation record."""
+        is kept until the sweep finds the certificate expired (see the class)."""
         await asyncio.to_thread(self._write_if_changed, self._chain_path(key), chain_pem(chain))
 
     async def get_certificate(self, key: str) -> bytes | None:
@@ -450,8 +456,10 @@ class FileStore(Store):
         write_atomically(path, data)
 
     def _sweep(self) -> None:
-        """Remove temporary files left by writes a crash cut short."""
-        stale = time.time() - self.STALE_TEMP
+        """Remove temporary files left by writes a crash cut short, and the files of expired
+        certificates."""
+        now = time.time()
+        stale = now - self.STALE_TEMP
         for leftover in self.directory.glob(TEMP_PREFIX + "*"):
             with contextlib.suppress(OSError):  # gone already, or not ours to remove
                 if leftover.stat().st_mtime >= stale:
@@ -460,6 +468,21 @@ class FileStore(Store):
                     self._remove_free_lock(leftover)  # unless someone holds it
                 else:
                     leftover.unlink()
+        expired = now - self.EXPIRED_GRACE
+        for record in self.directory.glob("*" + self.CHAIN_SUFFIX):
+            key = record.name[: -len(self.CHAIN_SUFFIX)]
+            if not key or key.startswith("."):
+                continue
+            try:
+                leaf = x509.load_pem_x509_certificate(record.read_bytes())
+            except (OSError, ValueError):  # gone, or not a record of ours: leave it
+                continue
+            if leaf.not_valid_after_utc.timestamp() >= expired:
+                continue
+            log.info("%r: removing the files of %s, whose certificate expired", self, key)
+            for suffix in (self.SUFFIX, self.REVOKED_SUFFIX, self.CHAIN_SUFFIX):
+                with contextlib.suppress(OSError):  # not every key has every file
+                    os.unlink(self.path_for(key, suffix=suffix))
 
     def __repr__(self) -> str:
         return f"FileStore({str(self.directory)!r})"

@@ -10,7 +10,7 @@ import asyncio
 import os
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -435,6 +435,35 @@ async def test_file_store_sweeps_what_crashed_writes_left(tmp_path) -> None:
     await store.put("k2", b"second", expires=now)  # once per store: the next put doesn't sweep
     assert fresh.exists()
     assert await store.get("k1") == b"first"
+
+
+async def test_file_store_sweep_removes_the_files_of_expired_certificates(tmp_path) -> None:
+    """The first write's sweep removes a key's response, revocation and certificate record
+    once its leaf is a day past notAfter; a leaf expired less than a day ago, a valid one and
+    a key without a certificate record keep theirs."""
+    pki = TestPKI()  # real time: the sweep reads the wall clock, as the store's mtimes do
+    now = datetime.now(UTC)
+    day, hour = timedelta(days=1), timedelta(hours=1)
+    leaves = {
+        "gone": pki.issue_leaf("gone.test", not_before=now - 10 * day, not_after=now - 2 * day),
+        "grace": pki.issue_leaf("grace.test", not_before=now - 10 * day, not_after=now - hour),
+        "valid": pki.issue_leaf("valid.test"),
+    }
+    cache = tmp_path / "cache"
+    writer = staple.FileStore(cache)
+    for key, leaf in leaves.items():
+        await writer.put_certificate(key, leaf.chain[:2], until=leaf.cert.not_valid_after_utc)
+        await writer.put(key, b"response", expires=now)
+        await writer.put_revocation(key, b"revoked", until=now)
+    await writer.put("norecord", b"response", expires=now)
+    kept = ["grace", "norecord", "valid"]
+    assert await writer.keys() == ["gone", *kept]  # that store swept at its first write
+    await staple.FileStore(cache).put("valid", b"newer", expires=now)  # the next process
+    assert await writer.keys() == kept
+    assert not list(cache.glob("gone.*"))
+    assert await writer.get("grace") == b"response" and await writer.get("valid") == b"newer"
+    assert await writer.get_revocation("grace") == b"revoked"
+    assert await writer.get_certificate("grace") is not None
 
 
 @pytest.mark.parametrize("content", [b"", b"corrupt", b"\x30\x82\x01\x00" + b"\0" * 256])
