@@ -14,7 +14,11 @@ Theory of operation, in the parent:
 - SIGINT and SIGTERM are forwarded to the children as SIGTERM (each shuts down gracefully; a
   Ctrl-C from the terminal reaches them too), then the parent waits for all of them and
   returns 0;
-- a child that dies while not stopping is replaced by a new one, after ``report`` says so;
+- a child that dies while not stopping is replaced by a new one, after ``report`` says so; when
+  children keep dying within :data:`QUICK_EXIT` seconds of their start (a crash loop: a bug,
+  a store that kills them), from the second in a row each replacement waits longer
+  (:func:`respawn_delay`: 0.1 s, doubling, at most 30 s) so that the machine is not spent
+  forking; a child that lived longer resets that;
 - a child exiting with ``startup_failure`` could not start (a bad certificate, a port problem,
   an app that fails its start-up): replacing it would fail the same way, so the parent stops
   the others and returns ``startup_failure``.
@@ -32,17 +36,33 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-__all__ = ["Report", "describe_exit", "run_workers"]
+__all__ = ["QUICK_EXIT", "Report", "describe_exit", "respawn_delay", "run_workers"]
 
 Report = Callable[[int, str], None]
 """How the supervisor says what happens: ``report(logging.INFO, "worker 123 died ...")``."""
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+QUICK_EXIT = 10.0
+"""A child that dies within this many seconds of its start counts towards a crash loop."""
+_BACKOFF_FIRST = 0.1
+_BACKOFF_MAX = 30.0
+_PAUSE_SLICE = 0.1  # a backoff looks at `stopping` this often
+
+
+def respawn_delay(quick_exits: int) -> float:
+    """Seconds to wait before replacing a child, after ``quick_exits`` children in a row died
+    within :data:`QUICK_EXIT` of their start: none for one (a worker killed once is replaced
+    at once), then 0.1 s doubling, at most 30 s."""
+    if quick_exits <= 1:
+        return 0.0
+    return min(_BACKOFF_FIRST * 2.0 ** min(quick_exits - 2, 64), _BACKOFF_MAX)
 
 
 def run_workers(
@@ -61,9 +81,10 @@ def run_workers(
     """
     if count < 1:
         raise ValueError(f"count={count}: at least one worker process is needed")
-    children: set[int] = set()
+    children: dict[int, float] = {}  # pid: when it was started (monotonic)
     stopping = False
     status = 0
+    quick_exits = 0  # children in a row that died within QUICK_EXIT of their start
 
     def stop(sig: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -76,7 +97,7 @@ def run_workers(
 
     def spawn() -> None:
         pid = _fork(work, previous, report)
-        children.add(pid)
+        children[pid] = time.monotonic()
         if stopping:  # the signal came while forking
             os.kill(pid, signal.SIGTERM)
 
@@ -85,7 +106,7 @@ def run_workers(
             spawn()
         while children:
             pid, wait_status = os.waitpid(-1, 0)  # retried after a signal's handler (PEP 475)
-            children.discard(pid)
+            lived = time.monotonic() - children.pop(pid, 0.0)
             code = os.waitstatus_to_exitcode(wait_status)
             if stopping:
                 continue
@@ -94,8 +115,23 @@ def run_workers(
                 status = startup_failure
                 stop(signal.SIGTERM, None)
                 continue
-            report(logging.WARNING, f"worker {pid} {describe_exit(code)}; starting another")
-            spawn()
+            quick_exits = quick_exits + 1 if lived < QUICK_EXIT else 0
+            delay = respawn_delay(quick_exits)
+            if not delay:
+                report(logging.WARNING, f"worker {pid} {describe_exit(code)}; starting another")
+                spawn()
+                continue
+            report(
+                logging.WARNING,
+                f"worker {pid} {describe_exit(code)} {lived:.1f} s after its start, "
+                f"{quick_exits} in a row within {QUICK_EXIT:g} s; starting another in "
+                f"{delay:g} s",
+            )
+            deadline = time.monotonic() + delay
+            while not stopping and (left := deadline - time.monotonic()) > 0:
+                time.sleep(min(left, _PAUSE_SLICE))
+            if not stopping:
+                spawn()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
