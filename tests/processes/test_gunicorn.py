@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from staple.testing import Fault, Leaf, OcspResponder, TestPKI
+from staple.testing import Fault, Leaf
 
-from .server_process import CURL_BAD_STAPLE, ServerProcess, curl, files, server_process
+from ..server_process import CURL_BAD_STAPLE, ServerProcess, curl, files, server_process
 
 pytestmark = pytest.mark.slow
 
@@ -26,24 +25,6 @@ WORKERS = {
     "staple.gunicorn.UvicornWorker": "tests.asgi_apps:app",
 }
 LISTENING = r"Listening at: https://127\.0\.0\.1:(\d+) "
-
-
-@pytest.fixture(scope="module")
-def pki() -> TestPKI:
-    return TestPKI()
-
-
-@pytest.fixture
-async def responder(pki: TestPKI) -> AsyncIterator[OcspResponder]:
-    async with OcspResponder(pki) as r:
-        yield r
-
-
-@pytest.fixture
-def ca_file(pki: TestPKI, tmp_path: Path) -> Path:
-    path = tmp_path / "ca.pem"
-    pki.write_ca_bundle(path)
-    return path
 
 
 def gunicorn(worker: str, *args: str, workers: int = 2) -> tuple[str, ...]:

@@ -26,10 +26,10 @@ import staple.uvicorn
 import tests.asgi_apps
 from staple import MemoryStore, tls_socket
 from staple.probe import probe
-from staple.testing import Fault, OcspResponder, TestPKI
+from staple.testing import Fault
 
-from .record_client import reply_records
-from .server_process import (
+from ..record_client import reply_records
+from ..server_process import (
     CURL_BAD_STAPLE,
     HOST,
     ServerProcess,
@@ -43,24 +43,6 @@ from .server_process import (
 pytestmark = pytest.mark.slow
 
 RUNNING = r"Uvicorn running on https://127\.0\.0\.1:(\d+), stapling"
-
-
-@pytest.fixture(scope="module")
-def pki() -> TestPKI:
-    return TestPKI()
-
-
-@pytest.fixture
-async def responder(pki: TestPKI) -> AsyncIterator[OcspResponder]:
-    async with OcspResponder(pki) as r:
-        yield r
-
-
-@pytest.fixture
-def ca_file(pki: TestPKI, tmp_path: Path) -> Path:
-    path = tmp_path / "ca.pem"
-    pki.write_ca_bundle(path)
-    return path
 
 
 def uvicorn_run(chain: Path, key: Path, **options: object) -> tuple[str, ...]:

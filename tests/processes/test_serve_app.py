@@ -15,7 +15,6 @@ import os
 import signal
 import ssl
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -26,32 +25,14 @@ import staple.cli
 from staple import cli, tls_socket
 from staple.cli.serve import ServeConfig, Serving, serve
 from staple.probe import probe
-from staple.testing import Fault, OcspResponder, TestPKI
+from staple.testing import Fault
 
-from .server_process import CURL_BAD_STAPLE, HOST, ServerProcess, curl, files, server_process
+from ..server_process import CURL_BAD_STAPLE, HOST, ServerProcess, curl, files, server_process
 
 pytestmark = pytest.mark.slow
 
 LISTENING = r"^listening on https://127\.0\.0\.1:(\d+)$"
 WORKER_GOOD = r"^worker (\d+): .*stapling good"
-
-
-@pytest.fixture(scope="module")
-def pki() -> TestPKI:
-    return TestPKI()
-
-
-@pytest.fixture
-async def responder(pki: TestPKI) -> AsyncIterator[OcspResponder]:
-    async with OcspResponder(pki) as r:
-        yield r
-
-
-@pytest.fixture
-def ca_file(pki: TestPKI, tmp_path: Path) -> Path:
-    path = tmp_path / "ca.pem"
-    pki.write_ca_bundle(path)
-    return path
 
 
 def staple_serve(chain: Path, key: Path, *options: str) -> tuple[str, ...]:
