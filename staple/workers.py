@@ -71,6 +71,8 @@ def run_workers(
     *,
     report: Report,
     startup_failure: int,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """Fork ``count`` children running ``work()``, until SIGINT or SIGTERM; the exit status.
 
@@ -78,10 +80,12 @@ def run_workers(
     ``startup_failure`` when a child exited with it. ``work`` runs in the child, which exits
     with its result (1 for an exception, reported with its traceback; a ``SystemExit``'s
     code). Installs its signal handlers for the duration and restores the previous ones.
+    ``clock`` and ``sleep`` time the children's lives and the crash-loop waits (tests give
+    fake ones).
     """
     if count < 1:
         raise ValueError(f"count={count}: at least one worker process is needed")
-    children: dict[int, float] = {}  # pid: when it was started (monotonic)
+    children: dict[int, float] = {}  # pid: when it was started (clock())
     stopping = False
     status = 0
     quick_exits = 0  # children in a row that died within QUICK_EXIT of their start
@@ -97,7 +101,7 @@ def run_workers(
 
     def spawn() -> None:
         pid = _fork(work, previous, report)
-        children[pid] = time.monotonic()
+        children[pid] = clock()
         if stopping:  # the signal came while forking
             os.kill(pid, signal.SIGTERM)
 
@@ -106,7 +110,7 @@ def run_workers(
             spawn()
         while children:
             pid, wait_status = os.waitpid(-1, 0)  # retried after a signal's handler (PEP 475)
-            lived = time.monotonic() - children.pop(pid, 0.0)
+            lived = clock() - children.pop(pid, 0.0)
             code = os.waitstatus_to_exitcode(wait_status)
             if stopping:
                 continue
@@ -127,9 +131,9 @@ def run_workers(
                 f"{quick_exits} in a row within {QUICK_EXIT:g} s; starting another in "
                 f"{delay:g} s",
             )
-            deadline = time.monotonic() + delay
-            while not stopping and (left := deadline - time.monotonic()) > 0:
-                time.sleep(min(left, _PAUSE_SLICE))
+            deadline = clock() + delay
+            while not stopping and (left := deadline - clock()) > 0:
+                sleep(min(left, _PAUSE_SLICE))
             if not stopping:
                 spawn()
     finally:

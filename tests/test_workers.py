@@ -21,16 +21,25 @@ def test_respawn_delay_doubles_from_a_tenth_of_a_second_to_thirty() -> None:
     assert respawn_delay(11) == respawn_delay(10_000) == 30.0
 
 
-# In a process of its own: run_workers forks and installs signal handlers. Each child runs
-# work(), which exits 1 at once, except the LONG-th, which lives past QUICK_EXIT first; the
-# parent stops itself (SIGTERM) at the fourth report and prints the reports.
+# In a process of its own: run_workers forks and installs signal handlers. Its clock is a fake
+# one kept in a file, so that the children can move it too: each wait of the supervisor adds
+# its length, and the LONG-th child adds 100 s (a long life) before it exits. Every child
+# exits 1 at once; the parent stops itself (SIGTERM) at the fourth report and prints them.
 SUPERVISOR = """
-import os, signal, sys, time
+import os, signal, sys
 import staple.workers as workers
 
-workers.QUICK_EXIT = 0.3
-LONG, COUNTER = int(sys.argv[1]), sys.argv[2]
+LONG, COUNTER, CLOCK = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 reports = []
+
+def clock():
+    with open(CLOCK) as f:
+        return float(f.read() or 0)
+
+def advance(seconds):
+    now = clock() + seconds
+    with open(CLOCK, "w") as f:
+        f.write(repr(now))
 
 def report(level, message):
     reports.append(message)
@@ -43,10 +52,12 @@ def work():
         f.seek(0)
         n = len(f.read())
     if n == LONG:
-        time.sleep(0.5)  # a lifetime longer than QUICK_EXIT
+        advance(100.0)  # a life longer than QUICK_EXIT
     return 1
 
-status = workers.run_workers(1, work, report=report, startup_failure=3)
+status = workers.run_workers(
+    1, work, report=report, startup_failure=3, clock=clock, sleep=advance
+)
 print("\\n".join(reports))
 sys.exit(status)
 """
@@ -54,8 +65,10 @@ sys.exit(status)
 
 def delays(long: int, tmp_path: Path) -> list[str]:
     """The waits the supervisor announced before each replacement ("" for none)."""
+    clock = tmp_path / "clock"
+    clock.write_text("0")
     proc = subprocess.run(
-        [sys.executable, "-c", SUPERVISOR, str(long), str(tmp_path / "counter")],
+        [sys.executable, "-c", SUPERVISOR, str(long), str(tmp_path / "n"), str(clock)],
         cwd=ROOT,
         capture_output=True,
         text=True,
