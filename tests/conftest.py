@@ -1,6 +1,9 @@
 """Fixtures most tests share: a fake clock, a PKI lined up with it, a local responder that
-signs with that clock, and a throwaway redis-server. Modules that need the real clock define
-their own PKI and responder."""
+signs with that clock, the PKI's CA bundle as a file, and a throwaway redis-server.
+
+A module marked ``real_clock`` (``pytestmark = pytest.mark.real_clock``: its servers run in
+other processes, or on the loop's own time) gets a PKI on the real clock instead, one per
+module, and a responder that signs with the real clock."""
 
 from __future__ import annotations
 
@@ -20,15 +23,38 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+def _real_clock(request: pytest.FixtureRequest) -> bool:
+    return request.node.get_closest_marker("real_clock") is not None
+
+
+@pytest.fixture(scope="module")
+def real_clock_pki() -> TestPKI:
+    """The PKI of a ``real_clock`` module (see :func:`pki`)."""
+    return TestPKI()
+
+
 @pytest.fixture
-def pki(clock: FakeClock) -> TestPKI:
+def pki(request: pytest.FixtureRequest, clock: FakeClock) -> TestPKI:
+    if _real_clock(request):
+        pki: TestPKI = request.getfixturevalue("real_clock_pki")
+        return pki
     return TestPKI(now=clock.now())
 
 
 @pytest.fixture
-async def responder(pki: TestPKI, clock: FakeClock) -> AsyncIterator[OcspResponder]:
-    async with OcspResponder(pki, clock=clock) as r:
+async def responder(
+    request: pytest.FixtureRequest, pki: TestPKI, clock: FakeClock
+) -> AsyncIterator[OcspResponder]:
+    async with OcspResponder(pki, clock=None if _real_clock(request) else clock) as r:
         yield r
+
+
+@pytest.fixture
+def ca_file(pki: TestPKI, tmp_path: Path) -> Path:
+    """The PKI's CA bundle, for curl and stdlib clients."""
+    path = tmp_path / "ca.pem"
+    pki.write_ca_bundle(path)
+    return path
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +15,7 @@ import pytest
 from staple import cli
 from staple.testing import Fault, OcspResponder, TestPKI
 
-
-@pytest.fixture(scope="module")
-def pki() -> TestPKI:
-    return TestPKI()
-
-
-@pytest.fixture
-async def responder(pki: TestPKI) -> AsyncIterator[OcspResponder]:
-    async with OcspResponder(pki) as r:
-        yield r
+pytestmark = pytest.mark.real_clock
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ from staple.cli.serve import ServeConfig, Serving, serve
 from staple.probe import probe
 from staple.testing import FakeClock, Fault, Leaf, OcspResponder, TestPKI
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.real_clock]
 
 HOST = "127.0.0.1"
 HOUR = 3600.0
@@ -85,17 +85,6 @@ def write_files(tmp_path: Path, leaf: Leaf, name: str) -> tuple[Path, Path]:
     leaf.write_chain(chain)
     leaf.write_key(key)
     return chain, key
-
-
-@pytest.fixture(scope="module")
-def pki() -> TestPKI:
-    return TestPKI()
-
-
-@pytest.fixture
-async def responder(pki: TestPKI) -> AsyncIterator[OcspResponder]:
-    async with OcspResponder(pki) as r:
-        yield r
 
 
 # -- kill -9 of staple serve -----------------------------------------------------------------

@@ -10,7 +10,6 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from OpenSSL import SSL
@@ -19,28 +18,12 @@ from staple import RefreshPolicy, cli, tls
 from staple.probe import parse_target, probe
 from staple.server_context import build_server_context
 from staple.stapler import Stapler
-from staple.testing import Fault, Leaf, OcspResponder, TestPKI
+from staple.testing import Fault, Leaf, TestPKI
+
+pytestmark = pytest.mark.real_clock
 
 HOST = "127.0.0.1"
 POLICY = RefreshPolicy(wait_timeout=5.0, fetch_timeout=5.0, connect_timeout=2.0)
-
-
-@pytest.fixture(scope="module")
-def pki() -> TestPKI:
-    return TestPKI()
-
-
-@pytest.fixture
-async def responder(pki: TestPKI) -> AsyncIterator[OcspResponder]:
-    async with OcspResponder(pki) as r:
-        yield r
-
-
-@pytest.fixture
-def ca_file(pki: TestPKI, tmp_path: Path) -> Path:
-    path = tmp_path / "ca.pem"
-    pki.write_ca_bundle(path)
-    return path
 
 
 async def say_hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -45,30 +45,14 @@ from staple.testing import Fault, Leaf, OcspResponder, TestPKI
 from .external import require
 from .test_aiohttp import Gate
 
+pytestmark = pytest.mark.real_clock
+
 HOST = "127.0.0.1"
 CURL_BAD_STAPLE = 91  # CURLE_SSL_INVALIDCERTSTATUS (Debian curl 7.88)
 QUICK = RefreshPolicy(wait_timeout=5.0, fetch_timeout=5.0, connect_timeout=2.0)
 
 
 # -- fixtures and helpers ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pki() -> TestPKI:
-    return TestPKI()
-
-
-@pytest.fixture
-async def responder(pki: TestPKI) -> AsyncIterator[OcspResponder]:
-    async with OcspResponder(pki) as r:
-        yield r
-
-
-@pytest.fixture
-def ca_file(pki: TestPKI, tmp_path: Path) -> Path:
-    path = tmp_path / "ca.pem"
-    pki.write_ca_bundle(path)
-    return path
 
 
 def files(tmp_path: Path, leaf: Leaf, name: str) -> tuple[Path, Path]:

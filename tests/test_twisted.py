@@ -45,7 +45,7 @@ from staple.testing import Fault, Leaf, OcspResponder, TestPKI
 from .external import require
 from .test_serve import CURL_BAD_STAPLE, assert_stapled, curl, files, s_client
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.real_clock]
 
 HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent
@@ -53,24 +53,6 @@ QUICK: dict[str, Any] = {"wait_timeout": 5.0, "fetch_timeout": 5.0, "connect_tim
 
 
 # -- fixtures: a PKI on the real clock (the subprocesses read the real clock) ------------------
-
-
-@pytest.fixture(scope="module")
-def pki() -> TestPKI:
-    return TestPKI()
-
-
-@pytest.fixture
-async def responder(pki: TestPKI) -> AsyncIterator[OcspResponder]:
-    async with OcspResponder(pki) as r:
-        yield r
-
-
-@pytest.fixture
-def ca_file(pki: TestPKI, tmp_path: Path) -> Path:
-    path = tmp_path / "ca.pem"
-    pki.write_ca_bundle(path)
-    return path
 
 
 # -- in process: Twisted's TLS over an in-memory pump ------------------------------------------

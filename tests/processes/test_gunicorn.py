@@ -18,7 +18,7 @@ from staple.testing import Fault, Leaf
 
 from ..server_process import CURL_BAD_STAPLE, ServerProcess, curl, files, server_process
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.real_clock]
 
 WORKERS = {
     "staple.gunicorn.AiohttpWorker": "tests.asgi_apps:aiohttp_app",

@@ -29,7 +29,7 @@ from staple.testing import Fault
 
 from ..server_process import CURL_BAD_STAPLE, HOST, ServerProcess, curl, files, server_process
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.real_clock]
 
 LISTENING = r"^listening on https://127\.0\.0\.1:(\d+)$"
 WORKER_GOOD = r"^worker (\d+): .*stapling good"

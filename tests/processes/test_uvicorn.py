@@ -40,7 +40,7 @@ from ..server_process import (
     server_process,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.real_clock]
 
 RUNNING = r"Uvicorn running on https://127\.0\.0\.1:(\d+), stapling"
 
