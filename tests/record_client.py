@@ -7,7 +7,7 @@ import contextlib
 import ssl
 from collections.abc import Callable
 
-HOST = "127.0.0.1"
+from .server_process import HOST
 
 
 async def reply_records(
